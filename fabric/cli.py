@@ -1,0 +1,90 @@
+"""The `fabric` command: agent, plan, explain, check-config, lab, lab-kernel."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fabric import config as cfg
+
+EXIT_BAD_CONFIG = 2
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        c = cfg.load(args.file)
+    except cfg.ConfigError as e:
+        for line in e.problems:
+            print(f"{args.file}: {line}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    print(f"{args.file}: ok (node {c.node.name}, asn {c.node.asn or c.cluster.asn}, "
+          f"{len(c.pools)} pool(s), {len(c.peers)} external peer(s))")
+    return 0
+
+
+def _lab_kernel(args: argparse.Namespace) -> int:
+    from fabric import labkernel
+
+    try:
+        if args.action == "status":
+            ok, missing = labkernel.capable()
+            print("this kernel has ipip, IPVS and dummy" if ok else f"this kernel lacks: {', '.join(missing)}")
+            print(f"lab kernel cache: {labkernel.CACHE} ({'ready' if labkernel.uml_binary().exists() else 'absent'})")
+            return 0
+        if args.action == "prepare":
+            if labkernel.capable()[0]:
+                print("lab kernel: not needed (this kernel has ipip, IPVS and dummy)")
+                return 0
+            labkernel.ensure()
+            return 0
+        command = args.command[1:] if args.command[:1] == ["--"] else args.command
+        if not command:
+            print("fabric lab-kernel run: give a command after --", file=sys.stderr)
+            return 2
+        return labkernel.run(command, timeout=args.timeout).returncode
+    except labkernel.LabKernelError as e:
+        print(f"lab kernel: {e}", file=sys.stderr)
+        return 1
+
+
+def _lab_run(args: argparse.Namespace) -> int:
+    from fabric.lab import runner
+
+    return runner.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fabric", description="bgp-fabric: BGP routing fabric node agent")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("check-config", help="validate an agent config file (exit 2 on problems)")
+    c.add_argument("file")
+    c.set_defaults(func=_check_config)
+
+    k = sub.add_parser("lab-kernel", help="the kernel that tests and labs run in")
+    k.add_argument("action", choices=["status", "prepare", "run"])
+    k.add_argument("command", nargs=argparse.REMAINDER)
+    k.add_argument("--timeout", type=float, default=1800)
+    k.set_defaults(func=_lab_kernel)
+
+    lab = sub.add_parser("lab", help="containerlab-style labs built as namespaces")
+    lsub = lab.add_subparsers(dest="lab_cmd", required=True)
+    lr = lsub.add_parser("run", help="build a lab, check it, report, tear it down")
+    lr.add_argument("topology")
+    lr.add_argument("--keep", action="store_true", help="leave the lab up until Ctrl-C (for poking around)")
+    lr.add_argument("--timeout", type=float, default=900)
+    lr.set_defaults(func=_lab_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
