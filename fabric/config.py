@@ -31,6 +31,8 @@ class ConfigError(Exception):
 
 
 def _net(v: Any) -> ipaddress.IPv4Network:
+    if isinstance(v, ipaddress.IPv4Network):
+        return v
     if not isinstance(v, str):
         raise ValueError("must be a CIDR string like 10.244.0.0/16")
     try:
@@ -40,6 +42,8 @@ def _net(v: Any) -> ipaddress.IPv4Network:
 
 
 def _iface(v: Any) -> ipaddress.IPv4Interface:
+    if isinstance(v, ipaddress.IPv4Interface):
+        return v
     if not isinstance(v, str) or "/" not in v:
         raise ValueError("must be an address with its prefix, like 10.0.1.11/24 (the prefix decides 'same subnet')")
     try:
@@ -50,6 +54,8 @@ def _iface(v: Any) -> ipaddress.IPv4Interface:
 
 
 def _addr(v: Any) -> ipaddress.IPv4Address:
+    if isinstance(v, ipaddress.IPv4Address):
+        return v
     if not isinstance(v, str):
         raise ValueError("must be an IPv4 address string")
     try:
