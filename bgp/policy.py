@@ -1,0 +1,131 @@
+"""Import filters for learned routes. Pure: prefixes in, (accepted, rejections with reasons) out.
+
+Mesh peers (other nodes) may only give us pod routes: prefixes inside an enabled pool, never one of
+our own pod CIDRs, never a prefix that covers a node address (that would hijack the underlay), never
+a default route. External peers go through their `PrefixFilter` (allow/deny/maxLength) and
+`maxPrefixes`.
+
+maxPrefixes choice: the session is kept; prefixes beyond the limit are rejected (reason
+"max-prefixes N exceeded") and the routes already accepted stay. Tearing the session down (what many
+routers do) would also drop the good routes and flap; rejecting the excess bounds what we install
+while the rejection log tells the operator. New prefixes are taken in address order so a replay of
+the same updates accepts the same set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from typing import Iterable
+
+from fabric.config import Pool, PrefixFilter
+
+
+@dataclass(frozen=True)
+class Rejection:
+    prefix: IPv4Network
+    reason: str
+
+
+def _sorted(prefixes: Iterable[IPv4Network]) -> list[IPv4Network]:
+    return sorted(set(prefixes), key=lambda p: (p.network_address, p.prefixlen))
+
+
+@dataclass(frozen=True)
+class MeshImportPolicy:
+    pools: tuple[Pool, ...]
+    own_pod_cidrs: tuple[IPv4Network, ...]
+    node_addresses: tuple[IPv4Address, ...]
+
+    def check(self, prefix: IPv4Network) -> str | None:
+        """None when accepted, else why not."""
+        if prefix.prefixlen == 0:
+            return "default route"
+        for addr in self.node_addresses:
+            if addr in prefix:
+                return f"covers node address {addr}"
+        for own in self.own_pod_cidrs:
+            if prefix.overlaps(own):
+                return f"overlaps this node's pod CIDR {own}"
+        for pool in self.pools:
+            if not pool.disabled and prefix.subnet_of(pool.cidr):
+                return None
+        return "not inside an enabled IP pool"
+
+    def filter(self, prefixes: Iterable[IPv4Network]) -> tuple[list[IPv4Network], list[Rejection]]:
+        accepted: list[IPv4Network] = []
+        rejected: list[Rejection] = []
+        for p in _sorted(prefixes):
+            why = self.check(p)
+            if why is None:
+                accepted.append(p)
+            else:
+                rejected.append(Rejection(p, why))
+        return accepted, rejected
+
+
+@dataclass(frozen=True)
+class ExternalImportPolicy:
+    prefix_filter: PrefixFilter | None
+    max_prefixes: int | None = None
+    node_addresses: tuple[IPv4Address, ...] = ()
+
+    def check(self, prefix: IPv4Network) -> str | None:
+        for addr in self.node_addresses:
+            if addr in prefix and prefix.prefixlen == 32:
+                return f"is node address {addr}"
+        f = self.prefix_filter
+        if f is None:
+            return None
+        for d in f.deny:
+            if prefix.subnet_of(d):
+                return f"denied by {d}"
+        if f.allow and not any(prefix.subnet_of(a) for a in f.allow):
+            return "not inside an allowed prefix"
+        if f.max_length is not None and prefix.prefixlen > f.max_length:
+            return f"longer than maxLength {f.max_length}"
+        return None
+
+    def filter(self, prefixes: Iterable[IPv4Network], held: Iterable[IPv4Network] = ()
+               ) -> tuple[list[IPv4Network], list[Rejection]]:
+        """`held`: prefixes already accepted from this peer (they count against maxPrefixes)."""
+        held_set = set(held)
+        count = len(held_set)
+        accepted: list[IPv4Network] = []
+        rejected: list[Rejection] = []
+        for p in _sorted(prefixes):
+            why = self.check(p)
+            if why is None and p not in held_set and self.max_prefixes is not None and count >= self.max_prefixes:
+                why = f"max-prefixes {self.max_prefixes} exceeded"
+            if why is None:
+                accepted.append(p)
+                if p not in held_set:
+                    held_set.add(p)
+                    count += 1
+            else:
+                rejected.append(Rejection(p, why))
+        return accepted, rejected
+
+
+class RejectionLog:
+    """Remembers which (peer, prefix, reason) were already reported, so each is logged once."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self._seen: set[tuple[str, IPv4Network, str]] = set()
+        self._limit = limit
+
+    def new(self, peer: str, rejections: Iterable[Rejection]) -> list[Rejection]:
+        """The rejections not reported before (and records them)."""
+        fresh: list[Rejection] = []
+        for r in rejections:
+            key = (peer, r.prefix, r.reason)
+            if key in self._seen:
+                continue
+            if len(self._seen) >= self._limit:  # bounded memory: start over rather than grow forever
+                self._seen.clear()
+            self._seen.add(key)
+            fresh.append(r)
+        return fresh
+
+    def forget_peer(self, peer: str) -> None:
+        self._seen = {k for k in self._seen if k[0] != peer}

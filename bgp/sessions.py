@@ -1,0 +1,126 @@
+"""Turn ExaBGP's messages into the speaker's events, tracking each session's state. Pure (time is an argument).
+
+ExaBGP reports `connected` / `down` for connection attempts that never reached `up` (collisions, refused
+OPENs): only a session that was `up` produces PeerDown. The graceful-restart time of a PeerUp comes
+from the last OPEN received before `up`. A drop is graceful (GR applies) unless a NOTIFICATION was
+sent or received (ExaBGP's reason then starts with "notification", which covers hold-timer expiry
+and administrative shutdown) or we tore the session down ourselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+
+from bgp.events import BgpEvent, EndOfRib, PeerDown, PeerUp, RoutesAnnounced, RoutesWithdrawn
+from bgp.messages import Message, NotificationMsg, OpenMsg, StateMsg, UpdateMsg
+
+# ExaBGP's reason when *we* tear down a session that negotiated GR (it closes TCP without NOTIFICATION).
+_OUR_TEARDOWN = "graceful restarted negotiated"
+
+
+@dataclass
+class Session:
+    name: str
+    address: IPv4Address
+    state: str = "idle"  # idle | connect | established
+    since: float | None = None
+    gr_time: int | None = None
+    open_gr_time: int | None = None
+    last_error: str | None = None
+    notified: bool = False
+    received: set[IPv4Network] = field(default_factory=set)
+    ups: int = 0
+
+
+class SessionTracker:
+    def __init__(self) -> None:
+        self.sessions: dict[IPv4Address, Session] = {}
+
+    def set_neighbors(self, names: dict[IPv4Address, str], now: float) -> list[BgpEvent]:
+        """Adopt a new neighbor set; a removed neighbor that was up yields a non-graceful PeerDown."""
+        events: list[BgpEvent] = []
+        for addr in list(self.sessions):
+            if addr not in names:
+                s = self.sessions.pop(addr)
+                if s.state == "established":
+                    events.append(PeerDown(s.name, addr, "removed from configuration", False))
+        for addr, name in names.items():
+            s = self.sessions.get(addr)
+            if s is None:
+                self.sessions[addr] = Session(name, addr, since=now)
+            elif s.name != name:
+                s.name = name
+        return events
+
+    def speaker_restarted(self, now: float) -> None:
+        """Our ExaBGP died: every session is gone on our side (the RIB handles it via SpeakerRestarted)."""
+        for s in self.sessions.values():
+            if s.state == "established":
+                s.last_error = "our ExaBGP restarted"
+            s.state, s.since, s.notified, s.open_gr_time = "idle", now, False, None
+            s.received.clear()
+
+    def _session(self, addr: IPv4Address, now: float) -> Session:
+        s = self.sessions.get(addr)
+        if s is None:  # not (or no longer) configured: still report it under its address
+            s = self.sessions[addr] = Session(str(addr), addr, since=now)
+        return s
+
+    def feed(self, msg: Message, now: float) -> list[BgpEvent]:
+        if isinstance(msg, OpenMsg):
+            self._session(msg.peer_address, now).open_gr_time = msg.gr_time
+            return []
+        if isinstance(msg, NotificationMsg):
+            s = self._session(msg.peer_address, now)
+            s.notified = True
+            s.last_error = f"notification received ({msg.code},{msg.subcode}) {msg.message}".strip()
+            return []
+        if isinstance(msg, StateMsg):
+            return self._state(msg, now)
+        if isinstance(msg, UpdateMsg):
+            s = self._session(msg.peer_address, now)
+            if s.state != "established":
+                return []
+            if msg.eor:
+                return [EndOfRib(s.name)]
+            events: list[BgpEvent] = []
+            if msg.withdrawn:
+                s.received.difference_update(msg.withdrawn)
+                events.append(RoutesWithdrawn(s.name, msg.withdrawn))
+            for nh, prefixes in msg.announced:
+                s.received.update(prefixes)
+                events.append(RoutesAnnounced(s.name, nh, prefixes))
+            return events
+        return []
+
+    def _state(self, msg: StateMsg, now: float) -> list[BgpEvent]:
+        s = self._session(msg.peer_address, now)
+        if msg.state == "up":
+            if s.state == "established":
+                return []
+            s.state, s.since, s.notified, s.ups = "established", now, False, s.ups + 1
+            s.gr_time = s.open_gr_time
+            s.received.clear()
+            return [PeerUp(s.name, s.address, s.gr_time)]
+        if msg.state == "down":
+            was_up = s.state == "established"
+            hard = s.notified or msg.reason.startswith("notification") or msg.reason.startswith(_OUR_TEARDOWN)
+            # A received NOTIFICATION's text says more than the reason; a failed attempt's generic
+            # "closing connection" (e.g. a connection collision) is not worth reporting.
+            if msg.reason and not s.notified and (was_up or msg.reason != "closing connection"):
+                s.last_error = msg.reason
+            s.state, s.since, s.notified = "idle", now, False
+            s.received.clear()
+            if was_up:
+                return [PeerDown(s.name, s.address, msg.reason or "session closed", not hard)]
+            return []
+        if msg.state == "connected" and s.state != "established":
+            s.state = "connect"
+        return []
+
+    def status(self) -> dict[str, dict[str, object]]:
+        return {s.name: {"address": str(s.address), "state": s.state, "since": s.since,
+                         "received": len(s.received), "last_error": s.last_error, "gr_time": s.gr_time,
+                         "established_count": s.ups}
+                for s in self.sessions.values()}

@@ -1,0 +1,288 @@
+"""Supervise ExaBGP as a child process and speak to it through the relay helper (asyncio).
+
+The Speaker owns `run_dir`: `exabgp.conf` (generated), `relay.sock` (our unix socket server, the relay
+connects to it) and `exabgp.log`. ExaBGP is started with PR_SET_PDEATHSIG=SIGTERM so it dies with us,
+and restarted with backoff if it dies (sessions drop; peers keep our routes by graceful restart, the
+RIB keeps theirs: SpeakerRestarted). After every relay (re)connection the whole desired set is
+announced again (identical routes cause no UPDATE) followed by End-of-RIB; when a neighbor comes up,
+the routes for it are replayed to it alone and followed by its own End-of-RIB (manual-eor is on, so
+ExaBGP never sends an empty End-of-RIB after a restart and peers keep our routes until then).
+
+Neighbor changes rewrite the config and send SIGUSR1 (reload): ExaBGP keeps the sessions of neighbors
+whose definition did not change (checked by tests/kernel/test_bgp_speaker.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Callable
+
+from bgp import exabgp_config
+from bgp.announce import Announcement, diff_commands
+from bgp.events import BgpEvent, PeerUp, SpeakerRestarted
+from bgp.exabgp_config import Neighbor
+from bgp.messages import Ack, Notice, Unparsed, parse_line
+from bgp.sessions import SessionTracker
+
+log = logging.getLogger("bgp.speaker")
+
+PR_SET_PDEATHSIG = 1
+BACKOFF_START = 0.5
+BACKOFF_MAX = 30.0
+STABLE_AFTER = 60.0  # a child that ran this long resets the backoff
+LINE_LIMIT = 64 * 1024 * 1024  # one UPDATE's JSON can be large
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def default_exabgp() -> str:
+    return str(Path(sys.executable).parent / "exabgp")
+
+
+class Speaker:
+    def __init__(self, run_dir: Path, on_event: Callable[[BgpEvent], None], exabgp: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.on_event = on_event
+        self.exabgp = exabgp or default_exabgp()
+        self.extra_env = dict(env or {})
+        self.config_path = self.run_dir / "exabgp.conf"
+        self.socket_path = self.run_dir / "relay.sock"
+        self.log_path = self.run_dir / "exabgp.log"
+        self._neighbors: dict[str, Neighbor] = {}
+        self._announced: dict[IPv4Network, Announcement] = {}  # what we asked ExaBGP to announce
+        self._tracker = SessionTracker()
+        self._proc: asyncio.subprocess.Process | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._pending_acks = 0
+        self._recent: deque[str] = deque(maxlen=20)  # last commands sent, to give an `error` some context
+        self.errors: deque[str] = deque(maxlen=100)
+        self.starts = 0
+        self.relay_connections = 0
+        self._relay_connected = asyncio.Event()
+
+    # ----- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.socket_path.unlink(missing_ok=True)
+        self._server = await asyncio.start_unix_server(self._on_relay, path=str(self.socket_path), limit=LINE_LIMIT)
+        os.chmod(self.socket_path, 0o600)
+        self._write_config()
+        await self._spawn()
+        self._supervisor = asyncio.create_task(self._supervise(), name="exabgp-supervisor")
+
+    async def stop(self) -> None:
+        """Stop ExaBGP (kernel routes are not ours to touch) and close the socket."""
+        self._stopping = True
+        if self._supervisor:
+            self._supervisor.cancel()
+            try:
+                await self._supervisor
+            except asyncio.CancelledError:
+                pass
+        proc = self._proc
+        if proc and proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._writer:
+            self._writer.close()
+        if self._server:
+            self._server.close()
+            await self._server.wait_closed()
+        self.socket_path.unlink(missing_ok=True)
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(exabgp_config.environment(self.run_dir))
+        env.update(self.extra_env)
+        return env
+
+    def _write_config(self) -> None:
+        text = exabgp_config.render(list(self._neighbors.values()), self.socket_path)
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(self.config_path)  # atomic: a reload never reads half a file
+
+    async def _spawn(self) -> None:
+        logf = open(self.log_path, "ab")
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                self.exabgp, str(self.config_path), stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
+                env=self._env(), cwd=str(self.run_dir), preexec_fn=_die_with_parent)
+        finally:
+            logf.close()
+        self.starts += 1
+        self._started_at = time.monotonic()
+        log.info("exabgp started (pid %s)", self._proc.pid)
+
+    async def _supervise(self) -> None:
+        delay = BACKOFF_START
+        while not self._stopping:
+            assert self._proc is not None
+            rc = await self._proc.wait()
+            if self._stopping:
+                return
+            ran = time.monotonic() - self._started_at
+            log.warning("exabgp exited (%s) after %.1fs; restarting in %.1fs", rc, ran, delay if ran < STABLE_AFTER
+                        else BACKOFF_START)
+            self.errors.append(f"exabgp exited with {rc}")
+            self._tracker.speaker_restarted(time.time())
+            self._emit([SpeakerRestarted()])
+            if ran >= STABLE_AFTER:
+                delay = BACKOFF_START
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+            if self._stopping:
+                return
+            await self._spawn()
+
+    # ----- the relay connection -----------------------------------------------------------------
+
+    async def _on_relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._writer is not None:  # a new relay replaces the old one (ExaBGP respawned it)
+            self._writer.close()
+        self._writer = writer
+        self.relay_connections += 1
+        self._pending_acks = 0
+        self._relay_connected.set()
+        # Everything we want announced (identical routes cause no UPDATE). End-of-RIB goes to the sessions
+        # already up (a relay respawned by a live ExaBGP); ExaBGP answers `error` to an EOR with no
+        # session up, and sessions that come up later get theirs on PeerUp.
+        up = sorted(IPv4Address(s["address"]) for s in self._tracker.status().values()
+                    if s["state"] == "established")
+        self._send(diff_commands({}, self._announced, self._addresses())
+                   + [f"neighbor {a} announce eor ipv4 unicast" for a in up])
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    log.error("relay sent an over-long line; dropping the connection")
+                    break
+                except ConnectionError:
+                    break
+                if not line:
+                    break
+                self._handle_line(line.decode("utf-8", "replace"))
+        finally:
+            if self._writer is writer:
+                self._writer = None
+                self._relay_connected.clear()
+            writer.close()
+
+    def _handle_line(self, line: str) -> None:
+        msg = parse_line(line)
+        if isinstance(msg, Ack):
+            self._pending_acks = max(0, self._pending_acks - 1)
+            if not msg.ok:
+                err = f"exabgp rejected a command (one of: {list(self._recent)[-5:]})"
+                log.error(err)
+                self.errors.append(err)
+            return
+        if isinstance(msg, Notice):
+            log.info("exabgp: %s", msg.text)
+            return
+        if isinstance(msg, Unparsed):
+            if msg.why != "not JSON":
+                log.warning("unparsed exabgp message: %s (%s)", msg.line[:200], msg.why)
+            return
+        events = self._tracker.feed(msg, time.time())
+        for ev in events:
+            if isinstance(ev, PeerUp):
+                # Replay the routes for this neighbor and close them with its End-of-RIB.
+                addr = ev.address
+                only = frozenset(n for n, nb in self._neighbors.items() if nb.peer_address == addr)
+                cmds = diff_commands({}, self._announced, self._addresses(), only=only) if only else []
+                self._send(cmds + [f"neighbor {addr} announce eor ipv4 unicast"])
+        self._emit(events)
+
+    def _emit(self, events: list[BgpEvent]) -> None:
+        for ev in events:
+            try:
+                self.on_event(ev)
+            except Exception:  # the agent's handler must not kill our reader
+                log.exception("on_event handler failed for %r", ev)
+
+    def _send(self, commands: list[str]) -> None:
+        if not commands or self._writer is None:
+            return
+        self._pending_acks += len(commands)
+        self._recent.extend(commands)
+        self._writer.write(("\n".join(commands) + "\n").encode())
+
+    async def _drain(self) -> None:
+        w = self._writer
+        if w is not None:
+            try:
+                await w.drain()
+            except ConnectionError:
+                pass
+
+    def _addresses(self) -> dict[str, IPv4Address]:
+        return {name: n.peer_address for name, n in self._neighbors.items()}
+
+    # ----- what the agent calls -------------------------------------------------------------------
+
+    async def set_neighbors(self, neighbors: list[Neighbor]) -> None:
+        """Adopt this neighbor set (validated first: NeighborError names the bad neighbor and field)."""
+        exabgp_config.validate(neighbors)
+        new = {n.name: n for n in neighbors}
+        if new == self._neighbors:
+            return
+        old_addresses = self._addresses()
+        self._neighbors = new
+        events = self._tracker.set_neighbors({n.peer_address: n.name for n in neighbors}, time.time())
+        if self._proc is not None:
+            self._write_config()
+            if self._proc.returncode is None:
+                self._proc.send_signal(signal.SIGUSR1)  # reload: unchanged neighbors keep their sessions
+        # Routes for removed neighbors: ExaBGP drops the peer and its RIB with it, nothing to withdraw.
+        del old_addresses
+        self._emit(events)
+
+    async def set_announcements(self, desired: dict[IPv4Network, Announcement]) -> None:
+        """Announce `desired` (replacing what was announced): only the difference is sent."""
+        desired = dict(desired)
+        commands = diff_commands(self._announced, desired, self._addresses())
+        self._announced = desired
+        self._send(commands)
+        await self._drain()
+
+    def status(self) -> dict[str, object]:
+        return {
+            "exabgp_pid": self._proc.pid if self._proc and self._proc.returncode is None else None,
+            "exabgp_starts": self.starts,
+            "relay_connected": self._writer is not None,
+            "pending_acks": self._pending_acks,
+            "announced": len(self._announced),
+            "recent_errors": list(self.errors)[-10:],
+            "neighbors": self._tracker.status(),
+        }
+
+    async def wait_relay(self, timeout: float) -> bool:
+        """For tests and start-up: wait until the relay is connected."""
+        try:
+            await asyncio.wait_for(self._relay_connected.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
