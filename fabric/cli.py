@@ -53,6 +53,73 @@ def _lab_run(args: argparse.Namespace) -> int:
     return runner.main(args)
 
 
+def _load(path: str) -> cfg.AgentConfig | None:
+    try:
+        return cfg.load(path)
+    except cfg.ConfigError as e:
+        for line in e.problems:
+            print(f"{path}: {line}", file=sys.stderr)
+        return None
+
+
+def _agent(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    from pathlib import Path
+
+    c = _load(args.config)
+    if c is None:
+        return EXIT_BAD_CONFIG
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from fabric.agent import Agent
+
+    return asyncio.run(Agent(c, Path(args.config)).run())
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from fabric import status
+
+    c = _load(args.config)
+    if c is None:
+        return EXIT_BAD_CONFIG
+    run_dir = Path(c.paths.run_dir)
+    if not run_dir.is_absolute():
+        run_dir = Path(args.config).resolve().parent / run_dir
+    try:
+        s = status.read(run_dir)
+    except (OSError, ValueError) as e:
+        print(f"no agent status in {run_dir}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(s, indent=1) if args.json else status.render(s))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fabric import plan
+    from ipip.kernel import FactsError
+
+    c = _load(args.config)
+    if c is None:
+        return EXIT_BAD_CONFIG
+    try:
+        r = plan.compute(c, Path(args.config))
+    except cfg.ConfigError as e:
+        for line in e.problems:
+            print(f"{e.source}: {line}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except FactsError as e:
+        print(f"plan: {e}", file=sys.stderr)
+        return 1
+    print(plan.render_explain(r, args.target) if args.cmd == "explain" else plan.render_plan(r))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fabric", description="bgp-fabric: BGP routing fabric node agent")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -60,6 +127,25 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate an agent config file (exit 2 on problems)")
     c.add_argument("file")
     c.set_defaults(func=_check_config)
+
+    a = sub.add_parser("agent", help="run the node agent (foreground)")
+    a.add_argument("-c", "--config", required=True)
+    a.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    a.set_defaults(func=_agent)
+
+    st = sub.add_parser("status", help="show the running agent's status")
+    st.add_argument("-c", "--config", required=True)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_status)
+
+    pl = sub.add_parser("plan", help="print what the agent would change in this kernel (writes nothing)")
+    pl.add_argument("-c", "--config", required=True)
+    pl.set_defaults(func=_plan)
+
+    ex = sub.add_parser("explain", help="why a route/prefix/address is (or is not) programmed")
+    ex.add_argument("-c", "--config", required=True)
+    ex.add_argument("target", help="an IPv4 address or prefix")
+    ex.set_defaults(func=_plan)
 
     k = sub.add_parser("lab-kernel", help="the kernel that tests and labs run in")
     k.add_argument("action", choices=["status", "prepare", "run"])

@@ -226,6 +226,10 @@ class Dataplane(Model):
     underlay_mtu: int | None = Field(default=None, ge=576, le=65535)  # default: read from the device
 
 
+class Health(Model):
+    listen: str | None = Field(default="0.0.0.0:9099", pattern=r"^[0-9.]*:[0-9]{1,5}$")  # /healthz, /readyz; null: off
+
+
 class AgentConfig(Model):
     node: NodeSettings
     cluster: ClusterSettings = ClusterSettings()
@@ -237,6 +241,7 @@ class AgentConfig(Model):
     source: FileSource | KubernetesSource = Field(discriminator="kind")
     paths: Paths = Paths()
     dataplane: Dataplane = Dataplane()
+    health: Health = Health()
 
     @model_validator(mode="after")
     def _consistent(self) -> "AgentConfig":

@@ -1,0 +1,102 @@
+"""Desired BGP state (pure): which neighbors this node has and what it announces to whom.
+
+Mesh neighbors are every other node (Calico's node-to-node mesh) in the cluster ASN (or a node's
+own ASN); external peers (ToRs, route reflectors) come from config, selected by node labels.
+Announcements: this node's pod CIDRs to everyone; configured service ranges to external peers only
+(mesh members route services themselves through IPVS).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from bgp.exabgp_config import Neighbor
+from fabric.config import AgentConfig, Peer
+from fabric.inputs import NodeInfo
+
+
+@dataclass(frozen=True)
+class DesiredAnnouncement:
+    prefix: ipaddress.IPv4Network
+    next_hop: ipaddress.IPv4Address
+    communities: tuple[str, ...] = ()
+    neighbors: frozenset[str] | None = None  # None: every neighbor
+    why: str = ""
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    """A peer's nodeSelector: every key=value must match the node's labels; empty selects all nodes."""
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def local_pod_cidrs(cfg: AgentConfig, me: NodeInfo | None) -> list[ipaddress.IPv4Network]:
+    """Configured pod CIDRs win; else what the cluster says (Kubernetes `spec.podCIDRs`)."""
+    if cfg.node.pod_cidrs:
+        return list(cfg.node.pod_cidrs)
+    return list(me.pod_cidrs) if me is not None else []
+
+
+def desired_neighbors(cfg: AgentConfig, nodes: dict[str, NodeInfo]) -> tuple[list[Neighbor], list[str]]:
+    """Neighbors for this node and the problems found (a bad peer is skipped, never fatal)."""
+    me_addr = cfg.node.address.ip
+    local_as = cfg.node.asn or cfg.cluster.asn
+    t = cfg.timers
+    out: list[Neighbor] = []
+    problems: list[str] = []
+    mesh_addrs: set[ipaddress.IPv4Address] = set()
+    if cfg.cluster.mesh:
+        for name in sorted(nodes):
+            n = nodes[name]
+            if name == cfg.node.name or n.address == me_addr:
+                continue
+            mesh_addrs.add(n.address)
+            out.append(Neighbor(name=name, peer_address=n.address, peer_as=n.asn or cfg.cluster.asn,
+                                local_as=local_as, local_address=me_addr, router_id=me_addr,
+                                hold_time=t.hold_time, graceful_restart_time=t.graceful_restart_time, kind="mesh"))
+    me = nodes.get(cfg.node.name)
+    labels = me.labels if me is not None else {}
+    taken = {n.name for n in out}
+    for p in cfg.peers:
+        if not selects(p.node_selector, labels):
+            continue
+        if p.address in mesh_addrs:
+            problems.append(f"peer {p.name}: {p.address} is a mesh node already; skipped")
+            continue
+        if p.address == me_addr:
+            problems.append(f"peer {p.name}: {p.address} is this node's own address; skipped")
+            continue
+        if p.name in taken:
+            problems.append(f"peer {p.name}: name clashes with a node name; skipped")
+            continue
+        out.append(_external(p, cfg, local_as, me_addr))
+    return out, problems
+
+
+def _external(p: Peer, cfg: AgentConfig, local_as: int, me_addr: ipaddress.IPv4Address) -> Neighbor:
+    return Neighbor(name=p.name, peer_address=p.address, peer_as=p.asn, local_as=local_as,
+                    local_address=p.source_address or me_addr, router_id=me_addr, hold_time=cfg.timers.hold_time,
+                    port=p.port, md5_password=p.password, passive=p.passive, multihop=p.multihop,
+                    graceful_restart_time=cfg.timers.graceful_restart_time, kind="external",
+                    route_reflector_client=p.route_reflector_client,
+                    cluster_id=cfg.node.route_reflector_cluster_id)
+
+
+def desired_announcements(cfg: AgentConfig, pod_cidrs: list[ipaddress.IPv4Network],
+                          neighbors: list[Neighbor]) -> dict[ipaddress.IPv4Network, DesiredAnnouncement]:
+    me = cfg.node.address.ip
+    comm = tuple(cfg.advertise.communities)
+    out: dict[ipaddress.IPv4Network, DesiredAnnouncement] = {}
+    if cfg.advertise.pod_cidrs:
+        for c in pod_cidrs:
+            out[c] = DesiredAnnouncement(c, me, comm, None, f"pod CIDR of node {cfg.node.name}")
+    externals = frozenset(n.name for n in neighbors if n.kind == "external")
+    if externals:
+        adv = cfg.advertise
+        for label, cidrs in (("serviceClusterIPs", adv.service_cluster_ips),
+                             ("serviceExternalIPs", adv.service_external_ips),
+                             ("serviceLoadBalancerIPs", adv.service_load_balancer_ips)):
+            for c in cidrs:
+                if c not in out:
+                    out[c] = DesiredAnnouncement(c, me, comm, externals, f"advertise.{label} (external peers only)")
+    return out

@@ -1,0 +1,58 @@
+"""Applies bgp.policy to everything the RIB holds, per peer: mesh rules or the peer's own filter.
+
+Pure apart from remembering which rejections were already logged (each is logged once).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+
+from bgp.policy import ExternalImportPolicy, MeshImportPolicy, RejectionLog
+from fabric.config import AgentConfig
+from fabric.inputs import NodeInfo
+
+Learned = dict[ipaddress.IPv4Network, set[tuple[str, ipaddress.IPv4Address]]]
+
+
+class ImportFilter:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self._log = RejectionLog()
+        self._active: list[str] = []
+
+    def filter(self, routes: Mapping[ipaddress.IPv4Network, Iterable[tuple[str, ipaddress.IPv4Address]]],
+               kinds: Mapping[str, str], nodes: Mapping[str, NodeInfo],
+               own_pod_cidrs: Iterable[ipaddress.IPv4Network]) -> tuple[Learned, list[str]]:
+        """Accepted routes, and the rejections not logged before ("peer P: prefix: reason")."""
+        node_addrs = tuple(sorted({n.address for n in nodes.values()} | {self.cfg.node.address.ip}))
+        mesh = MeshImportPolicy(tuple(self.cfg.pools), tuple(own_pod_cidrs), node_addrs)
+        peers_cfg = {p.name: p for p in self.cfg.peers}
+        by_peer: dict[str, dict[ipaddress.IPv4Network, ipaddress.IPv4Address]] = defaultdict(dict)
+        for prefix, holders in routes.items():
+            for peer, nh in holders:
+                by_peer[peer][prefix] = nh
+        out: Learned = defaultdict(set)
+        fresh: list[str] = []
+        active: list[str] = []
+        for peer, prefixes in sorted(by_peer.items()):
+            kind = kinds.get(peer)
+            if kind is None:
+                continue  # no longer a neighbor: its routes are being forgotten
+            if kind == "mesh":
+                accepted, rejected = mesh.filter(prefixes)
+            else:
+                pc = peers_cfg.get(peer)
+                policy = ExternalImportPolicy(pc.import_filter if pc else None, pc.max_prefixes if pc else None,
+                                              node_addrs)
+                accepted, rejected = policy.filter(prefixes)
+            for p in accepted:
+                out[p].add((peer, prefixes[p]))
+            active += [f"import from {peer} rejected {r.prefix}: {r.reason}" for r in rejected]
+            fresh += [f"peer {peer}: {r.prefix}: {r.reason}" for r in self._log.new(peer, rejected)]
+        self._active = active
+        return dict(out), fresh
+
+    def active_rejections(self) -> list[str]:
+        return list(self._active)

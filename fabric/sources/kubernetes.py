@@ -1,0 +1,248 @@
+"""The Kubernetes source: list + watch Nodes, Services, EndpointSlices and the bgp-fabric.io CRDs into a Store.
+
+Threads, not asyncio: the official `kubernetes` client is synchronous, so each kind gets one daemon
+thread running a `Reflector` (fabric.sources.k8s_watch). Threads only record into the thread-safe
+`fabric.tracker.Store`; the agent's sync runner reads it.
+
+What is recorded (see fabric.tracker for kinds and keys):
+- Node -> `fabric.inputs.NodeInfo`. A Node without an IPv4 InternalIP or with a bad podCIDR / ASN
+  annotation is skipped with a logged reason; its last good version (if any) stays in the Store, so a
+  bad edit never withdraws a working node's routes.
+- Service, EndpointSlice -> dicts in API JSON shape (camelCase), normalised by k8s_convert.normalize.
+- BGPConfiguration, BGPPeer, IPPool -> raw dicts; fabric.crds validates them.
+
+A relist (first start, 410 Gone) goes through `Store.replace`, so it records only real differences.
+Errors (API server down, dropped watches, 5xx) never delete anything: the reflector keeps its
+resourceVersion, retries with backoff and jitter, and resumes the watch (or relists on 410).
+
+Also: `read_secret(name, key)` for BGP peer passwords (a Secret in the agent's namespace, readable
+only through the namespaced Role in manifests/; values never logged), and `report_problem(obj, msg)`
+which records a Warning Event about a bad custom resource in the agent's namespace.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
+
+from fabric.config import KubernetesSource as KubernetesSourceConfig
+from fabric.sources.k8s_convert import KIND_INFO, SkipObject, convert, key_of
+from fabric.sources.k8s_watch import Backoff, Reflector
+from fabric.tracker import KINDS, Store
+
+log = logging.getLogger("fabric.sources.kubernetes")
+
+GROUP, VERSION = "bgp-fabric.io", "v1"
+CRD_PLURALS = {"BGPConfiguration": "bgpconfigurations", "BGPPeer": "bgppeers", "IPPool": "ippools"}
+NAMESPACE_ENV = "POD_NAMESPACE"  # the agent's namespace, from the downward API
+DEFAULT_NAMESPACE = "bgp-fabric"
+COMPONENT = "bgp-fabric"
+
+
+class SourceError(Exception):
+    """The Kubernetes source can't start (no API credentials, no node name, ...)."""
+
+
+class SecretError(Exception):
+    """A peer password Secret can't be read; the message names the Secret and key, never the value."""
+
+
+def node_name(cfg: KubernetesSourceConfig) -> str:
+    """This node's name from the environment variable the config names (set by the downward API)."""
+    name = os.environ.get(cfg.node_name_env, "").strip()
+    if not name:
+        raise SourceError(f"source.nodeNameEnv: environment variable {cfg.node_name_env} is not set "
+                          "(the DaemonSet sets it from spec.nodeName)")
+    return name
+
+
+def default_api_client(cfg: KubernetesSourceConfig) -> k8s.ApiClient:
+    """An ApiClient from the kubeconfig the config names, else the in-cluster service account.
+
+    urllib3's own retries are off (`retries=False`): the reflectors retry with backoff and jitter,
+    and a hidden retry loop would only delay noticing an outage and stopping.
+    """
+    from kubernetes import config as kconfig
+
+    conf = k8s.Configuration()
+    try:
+        if cfg.kubeconfig:
+            kconfig.load_kube_config(config_file=cfg.kubeconfig, client_configuration=conf)
+        else:
+            kconfig.load_incluster_config(client_configuration=conf)
+    except (kconfig.ConfigException, OSError, TypeError, ValueError) as e:
+        where = f"kubeconfig {cfg.kubeconfig}" if cfg.kubeconfig else "in-cluster service account"
+        raise SourceError(f"source.kubeconfig: cannot load {where}: {e}") from None
+    conf.retries = False
+    return k8s.ApiClient(conf)
+
+
+class KubernetesSource:
+    """Feeds `store` from the API server. `start()` returns at once; `synced()` says every kind was listed."""
+
+    def __init__(self, store: Store, cfg: KubernetesSourceConfig, api_client: k8s.ApiClient | None = None, *,
+                 namespace: str | None = None, watch_timeout: tuple[int, int] = (300, 600),
+                 backoff: tuple[float, float] = (0.5, 30.0), page_size: int = 500,
+                 request_timeout: tuple[float, float] = (10.0, 30.0)) -> None:
+        self.store = store
+        self.cfg = cfg
+        self.api_client = api_client if api_client is not None else default_api_client(cfg)
+        self.node_name = os.environ.get(cfg.node_name_env) or None
+        self.namespace = namespace or os.environ.get(NAMESPACE_ENV) or DEFAULT_NAMESPACE
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._reported: set[tuple[str, str, str, str]] = set()
+        core = k8s.CoreV1Api(self.api_client)
+        custom = k8s.CustomObjectsApi(self.api_client)
+        lists: dict[str, Callable[..., Any]] = {
+            "Node": core.list_node,
+            "Service": core.list_service_for_all_namespaces,
+            "EndpointSlice": k8s.DiscoveryV1Api(self.api_client).list_endpoint_slice_for_all_namespaces,
+        }
+        for kind, plural in CRD_PLURALS.items():
+            lists[kind] = (lambda plural: lambda **kw: custom.list_cluster_custom_object(
+                GROUP, VERSION, plural, **kw))(plural)
+        self.reflectors: dict[str, Reflector] = {
+            kind: Reflector(kind, lists[kind], self._lister(kind), self._watcher(kind), self._stop,
+                            page_size=page_size, watch_timeout=watch_timeout, backoff=Backoff(*backoff),
+                            request_timeout=request_timeout,
+                            on_missing=self._missing(kind) if kind in CRD_PLURALS else None)
+            for kind in KINDS}
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._threads:
+            return
+        for kind, r in self.reflectors.items():
+            t = threading.Thread(target=r.run, name=f"k8s-{kind}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop every reflector; returns within `timeout` seconds even if a request is stuck.
+
+        Open watches and backoff waits end at once. A request whose server accepted the connection
+        but never answers ends at its request timeout; its daemon thread records nothing after stop.
+        """
+        self._stop.set()
+        for r in self.reflectors.values():
+            r.abort()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in self._threads if t.is_alive()]
+        if alive:
+            log.warning("kubernetes source: threads still ending: %s", ", ".join(alive))
+
+    def synced(self) -> bool:
+        return self.store.synced(KINDS)
+
+    # ---- recording --------------------------------------------------------------------------------
+    def _lister(self, kind: str) -> Callable[[list[dict[str, Any]]], None]:
+        def on_list(items: list[dict[str, Any]]) -> None:
+            values: dict[str, Any] = {}
+            for obj in items:
+                try:
+                    key, value = convert(kind, obj)
+                except SkipObject as e:
+                    log.warning("skipping %s", e)
+                    try:
+                        key = key_of(kind, obj)
+                    except SkipObject:
+                        continue
+                    value = self.store.get(kind, key)  # keep the last good version, if any
+                    if value is None:
+                        continue
+                values[key] = value
+            n = self.store.replace(kind, values)
+            log.info("%s: listed %d, %d changed", kind, len(values), n)
+        return on_list
+
+    def _watcher(self, kind: str) -> Callable[[str, dict[str, Any]], None]:
+        def on_event(typ: str, obj: dict[str, Any]) -> None:
+            try:
+                if typ == "DELETED":
+                    self.store.delete(kind, key_of(kind, obj))
+                    return
+                key, value = convert(kind, obj)
+            except SkipObject as e:
+                log.warning("skipping %s", e)
+                return
+            self.store.upsert(kind, key, value)
+        return on_event
+
+    def _missing(self, kind: str) -> Callable[[], None]:
+        def on_missing() -> None:
+            # The CRD is not installed: there are no such objects (not an outage), so this kind is synced.
+            log.warning("%s: %s.%s is not served (CRD not installed?); treating as empty",
+                        kind, CRD_PLURALS[kind], GROUP)
+            self.store.replace(kind, {})
+        return on_missing
+
+    # ---- secrets and events -----------------------------------------------------------------------
+    def read_secret(self, name: str, key: str) -> str:
+        """The value of `key` in Secret `name` of the agent's namespace. SecretError names what failed."""
+        where = f"secret {self.namespace}/{name} key {key}"
+        try:
+            resp = k8s.CoreV1Api(self.api_client).read_namespaced_secret(
+                name, self.namespace, _preload_content=False, _request_timeout=(10, 30))
+            body = json.loads(resp.data)
+        except ApiException as e:
+            reason = {403: "forbidden (is it listed in the Role's resourceNames?)", 404: "not found"}
+            raise SecretError(f"{where}: {reason.get(e.status, f'API error {e.status}')}") from None
+        except Exception as e:  # noqa: BLE001 - connection errors of every kind; never echo the body
+            raise SecretError(f"{where}: {type(e).__name__}") from None
+        data = body.get("data") or {}
+        if key in data:
+            try:
+                return base64.b64decode(data[key], validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                raise SecretError(f"{where}: value is not base64-encoded UTF-8") from None
+        if key in (body.get("stringData") or {}):
+            return str(body["stringData"][key])
+        raise SecretError(f"{where}: no such key")
+
+    def report_problem(self, obj: dict[str, Any], message: str) -> bool:
+        """Record a Warning Event about `obj` (once per object and message). Returns True if one was created."""
+        md = obj.get("metadata") or {}
+        kind = obj.get("kind") or "?"
+        ident = (kind, md.get("name") or "?", md.get("uid") or "", message)
+        if ident in self._reported:
+            return False
+        now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        involved = {"apiVersion": obj.get("apiVersion") or KIND_INFO.get(kind, KIND_INFO["Node"]).api_version,
+                    "kind": kind, "name": md.get("name")}
+        if md.get("uid"):
+            involved["uid"] = md["uid"]
+        if md.get("namespace"):
+            involved["namespace"] = md["namespace"]
+        event = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{md.get('name') or 'object'}.{uuid.uuid4().hex[:16]}",
+                         "namespace": self.namespace},
+            "involvedObject": involved,
+            "reason": "InvalidResource", "type": "Warning", "message": message[:1024],
+            "source": {"component": COMPONENT, **({"host": self.node_name} if self.node_name else {})},
+            "reportingComponent": f"{GROUP}/agent", "reportingInstance": self.node_name or COMPONENT,
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        }
+        try:
+            k8s.CoreV1Api(self.api_client).create_namespaced_event(self.namespace, event,
+                                                                   _request_timeout=(10, 30))
+        except Exception as e:  # noqa: BLE001 - an event is best effort; the problem is logged anyway
+            log.warning("could not record event for %s/%s: %s", kind, md.get("name"), e)
+            return False
+        self._reported.add(ident)
+        return True
