@@ -1,0 +1,124 @@
+"""The optional checks file next to a topology: `labs/<name>.checks.yml` (format in labs/README.md).
+
+    timeout: 60                      # seconds to wait for every BGP session to be Established
+    sessions: {min: 8}               # at least 8 Established sessions, counted on every speaker
+    pings:
+      - {from: pod-a1, to: 10.244.3.10}
+    tcp:
+      - {from: pod-a1, to: 10.244.3.10, port: 8080, serve: pod-b1}
+
+Pure: parsing and validation against the topology's node names.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fabric.config import format_errors
+from fabric.lab.clab import Topology, TopologyError, read_yaml
+
+TOPOLOGY_SUFFIXES = (".clab.yml", ".clab.yaml", ".yml", ".yaml")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+def _ip(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError("must be an IPv4 address string")
+    try:
+        return str(ipaddress.IPv4Address(v))
+    except ValueError as e:
+        raise ValueError(f"not a valid IPv4 address ({e})") from None
+
+
+Seconds = Annotated[float, Field(gt=0, le=3600)]
+
+
+class Ping(_Model):
+    src: str = Field(alias="from", min_length=1)
+    to: str
+    count: int = Field(default=1, ge=1, le=100)  # echo replies that must come back in one attempt
+    timeout: Seconds = 20.0  # keep retrying until this many seconds have passed
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _to(cls, v: Any) -> str:
+        return _ip(v)
+
+    def label(self) -> str:
+        return f"ping {self.src} -> {self.to}" + (f" x{self.count}" if self.count > 1 else "")
+
+
+class Tcp(_Model):
+    src: str = Field(alias="from", min_length=1)
+    to: str
+    port: int = Field(ge=1, le=65535)
+    serve: str | None = None  # node where the runner starts a listener for this check
+    timeout: Seconds = 20.0
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _to(cls, v: Any) -> str:
+        return _ip(v)
+
+    def label(self) -> str:
+        return f"tcp {self.src} -> {self.to}:{self.port}"
+
+
+class SessionCount(_Model):
+    min: int = Field(ge=0)
+
+
+class Checks(_Model):
+    timeout: Seconds = 60.0  # convergence: every BGP session Established within this time
+    sessions: SessionCount | None = None
+    pings: list[Ping] = Field(default_factory=list)
+    tcp: list[Tcp] = Field(default_factory=list)
+
+
+def path_for(topology_path: Path) -> Path:
+    """`labs/two-racks.clab.yml` → `labs/two-racks.checks.yml` (same folder, same stem)."""
+    name = topology_path.name
+    for suffix in TOPOLOGY_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return topology_path.with_name(f"{name}.checks.yml")
+
+
+def parse(data: Any, topology: Topology, source: str = "checks") -> Checks:
+    """Validate a checks mapping; node names must exist in `topology`. Raises TopologyError."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise TopologyError([f"(top level): must be a mapping, got {type(data).__name__}"], source)
+    try:
+        checks = Checks.model_validate(data)
+    except ValidationError as e:
+        raise TopologyError(format_errors(e), source) from None
+    problems = []
+    names = {n.name for n in topology.nodes}
+    for kind, items in (("pings", checks.pings), ("tcp", checks.tcp)):
+        for i, c in enumerate(items):
+            if c.src not in names:
+                problems.append(f"{kind}[{i}].from: node {c.src!r} is not defined in the topology")
+            serve = getattr(c, "serve", None)
+            if serve is not None and serve not in names:
+                problems.append(f"{kind}[{i}].serve: node {serve!r} is not defined in the topology")
+    if problems:
+        raise TopologyError(problems, source)
+    return checks
+
+
+def load_for(topology: Topology) -> tuple[Checks, Path | None]:
+    """The checks next to `topology` (defaults when there is no such file) and the file used."""
+    p = path_for(topology.path)
+    if not p.exists():
+        return Checks(), None
+    return parse(read_yaml(p), topology, str(p)), p

@@ -1,0 +1,401 @@
+"""`fabric lab run TOPOLOGY`: build a containerlab topology as namespaces, wait, check, report, tear down.
+
+In a kernel without ipip/IPVS/dummy the command re-runs itself inside the lab kernel (one UML
+boot) and returns that run's exit status. Inside a capable kernel it builds the lab step by step
+(one progress line per step), waits for every BGP session with a deadline, runs the checks of the
+optional `<name>.checks.yml`, prints the report and always tears everything down — also on
+Ctrl-C/SIGTERM and on any failure. Exit: 0 all checks passed, 1 a check or the build failed,
+2 bad topology/checks file, 130/143 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+from fabric import labkernel
+from fabric.lab import agent, clab, frr, netns
+from fabric.lab import checks as checks_mod
+from fabric.lab.checks import Checks, Ping, Tcp
+from fabric.lab.kinds import LabPlan, NodePlan, Role, plan
+from fabric.lab.procs import Processes
+from fabric.lab.report import CheckResult, render, verdict
+from fabric.lab.sessions import Session, from_frr_summary
+
+EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
+EXEC_TIMEOUT = 60.0
+DAEMON_START_TIMEOUT = 60.0
+POLL = 0.5  # seconds between convergence polls (the lab's own wait, not any route's path)
+
+
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM arrived; unwinds to the teardown like KeyboardInterrupt."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of `fabric lab run` (args: topology, keep, timeout)."""
+    try:
+        topology = clab.load(args.topology)
+        lab_checks, _ = checks_mod.load_for(topology)
+        plan(topology, "0000")  # validate node kinds/binds before booting anything
+    except clab.TopologyError as e:
+        for line in e.problems:
+            print(f"{e.source}: {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not labkernel.in_lab_kernel() and not labkernel.capable()[0]:
+        return _in_lab_kernel(topology.path, keep=args.keep, timeout=args.timeout)
+    return run(topology.path, keep=args.keep, timeout=args.timeout)
+
+
+def _in_lab_kernel(topology: Path, *, keep: bool, timeout: float) -> int:
+    cmd = [sys.executable, "-m", "fabric.cli", "lab", "run", str(topology), "--timeout", str(timeout)]
+    if keep:
+        cmd.append("--keep")
+    print(f"lab: this kernel lacks ipip/IPVS/dummy; running the lab inside the lab kernel (one boot)", flush=True)
+    try:
+        r = labkernel.run(cmd, timeout=timeout + 120, cwd=str(labkernel.REPO_ROOT), stream=True)
+    except labkernel.LabKernelError as e:
+        print(f"lab kernel: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    if r.timed_out:
+        print(f"lab: the lab kernel run timed out after {timeout + 120:.0f}s and was killed", file=sys.stderr)
+    return r.returncode
+
+
+def run(topology_path: str | Path, *, keep: bool = False, timeout: float = 900, out: TextIO | None = None) -> int:
+    """Build, check, report and tear down one lab in this (capable) kernel. Returns the exit status.
+
+    The Python API behind `fabric lab run` once inside a capable kernel; tests call it directly.
+    """
+    out = out or sys.stdout
+    try:
+        topology = clab.load(topology_path)
+        lab_checks, checks_file = checks_mod.load_for(topology)
+        lab_plan = plan(topology, uuid.uuid4().hex[:4])
+    except clab.TopologyError as e:
+        for line in e.problems:
+            print(f"{e.source}: {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    lab = Lab(lab_plan, lab_checks, out)
+    restore = _install_signal_handlers()
+    try:
+        lab.say(f"lab {topology.name}: {len(topology.nodes)} nodes, {len(topology.links)} links"
+                f" (run {lab_plan.run_id}, checks: {checks_file or 'sessions only'})")
+        for note in lab_plan.notes:
+            lab.say(f"note: {note}")
+        ok = lab.run(deadline=time.monotonic() + timeout)
+        if keep:
+            lab.say(f"--keep: lab is up (namespaces {lab_plan.topology.name}-{lab_plan.run_id}-*, logs in "
+                    f"{lab.workdir}); Ctrl-C or SIGTERM tears it down")
+            while True:
+                signal.pause()
+        return EXIT_OK if ok else EXIT_FAIL
+    except Interrupted as e:
+        lab.say(f"interrupted ({e}); tearing down")
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        lab.say("interrupted; tearing down")
+        return 130
+    finally:
+        with _signals_ignored():
+            lab.teardown()
+        restore()
+
+
+class Lab:
+    """One lab run: what was created (so teardown removes exactly that), sessions and check results."""
+
+    def __init__(self, lab_plan: LabPlan, lab_checks: Checks, out: TextIO):
+        self.plan = lab_plan
+        self.checks = lab_checks
+        self.out = out
+        self.procs = Processes()
+        self.created_ns: list[str] = []
+        self.frr_nodes: list[NodePlan] = []
+        self.agent_nodes: list[NodePlan] = []
+        self.sessions: dict[str, list[Session]] = {}
+        self.results: list[CheckResult] = []
+        self.t0 = time.monotonic()
+        self.workdir = _make_workdir()
+        self.torn_down = False
+
+    # -- progress ------------------------------------------------------------------------------
+
+    def say(self, msg: str) -> None:
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {msg}", file=self.out, flush=True)
+
+    def env_for(self, n: NodePlan) -> dict[str, str]:
+        return {**os.environ, **n.node.env}
+
+    # -- the whole run -------------------------------------------------------------------------
+
+    def run(self, deadline: float) -> bool:
+        build_error = None
+        try:
+            self.build()
+        except (BuildError, netns.NetnsError, frr.FrrError, OSError) as e:
+            build_error = str(e)
+            self.say(f"build failed: {e}")
+        if build_error is None:
+            converged = self.converge(deadline)
+            self.run_checks(converged, deadline)
+            for n in self.plan.nodes:  # the report shows the sessions as they are at the end
+                if n.speaks_bgp and not self.dead_daemons(n):
+                    self.read_sessions(n)
+        self.out.write(render(self.plan, self.sessions, self.results, build_error))
+        self.out.flush()
+        return verdict(self.results, build_error)
+
+    def build(self) -> None:
+        topo = self.plan.topology
+        for n in self.plan.nodes:
+            netns.add(n.netns)
+            self.created_ns.append(n.netns)
+        self.say(f"namespaces: {len(self.plan.nodes)} created ({topo.name}-{self.plan.run_id}-*)")
+        for link in topo.links:
+            netns.veth(self.plan.netns(link.a.node), link.a.interface, self.plan.netns(link.b.node),
+                       link.b.interface, link.mtu)
+        self.say(f"links: {len(topo.links)} veth pairs up")
+        for n in self.plan.nodes:
+            if n.role is Role.BRIDGE:
+                ports = [own.interface for own, _ in topo.links_of(n.name)]
+                netns.bridge(n.netns, "br0", ports)
+                self.say(f"{n.name}: bridge br0 over {', '.join(ports) or 'no ports'}")
+        for n in self.plan.nodes:
+            for key, value in n.node.sysctls.items():
+                netns.sysctl(n.netns, key, value)
+            for i, cmd in enumerate(n.node.exec):
+                log = self.workdir / f"{n.name}.exec.log"
+                rc = self.procs.run(f"{n.name}/exec[{i}]", netns.exec_cmd(n.netns, ["sh", "-c", cmd]), log,
+                                    self.env_for(n), timeout=EXEC_TIMEOUT)
+                if rc != 0:
+                    tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-5:])
+                    raise BuildError(f"{n.name}: exec[{i}] {cmd!r} exited {rc}: {tail}")
+            if n.node.exec or n.node.sysctls:
+                self.say(f"{n.name}: {len(n.node.sysctls)} sysctl(s), {len(n.node.exec)} exec command(s) done")
+        self.start_daemons()
+
+    def start_daemons(self) -> None:
+        started: list[tuple[NodePlan, list[str]]] = []
+        for n in self.plan.nodes:
+            if n.frr is not None:
+                self.frr_nodes.append(n)
+                started.append((n, frr.start(self.procs, n.name, n.netns, n.frr, self.workdir, self.env_for(n))))
+        if started:
+            self.say(f"frr: daemons started on {', '.join(n.name for n, _ in started)}")
+        start_deadline = time.monotonic() + DAEMON_START_TIMEOUT
+        for n, names in started:
+            assert n.frr is not None
+            frr.wait_ready(n.netns, names, start_deadline, alive=lambda n=n: not self.dead_daemons(n))
+            frr.load_config(n.name, n.netns, n.frr.config, self.workdir / f"{n.name}.vtysh.log")
+        if started:
+            self.say(f"frr: configuration loaded on {len(started)} node(s)")
+        for n in self.plan.nodes:
+            if n.agent is not None:
+                self.agent_nodes.append(n)
+                agent.start(self.procs, n.name, n.netns, n.agent, self.workdir, self.env_for(n))
+        if self.agent_nodes:
+            self.say(f"agent: started on {', '.join(n.name for n in self.agent_nodes)}")
+
+    def dead_daemons(self, n: NodePlan) -> list[str]:
+        return [p.label for p in self.procs.dead((f"{n.name}/",)) if "/exec[" not in p.label]
+
+    # -- convergence ---------------------------------------------------------------------------
+
+    def read_sessions(self, n: NodePlan) -> tuple[bool, str]:
+        """Refresh `self.sessions[n]`; returns (this node's BGP is all up, why not)."""
+        if n.frr is not None:
+            try:
+                ss = from_frr_summary(n.name, frr.show_json(n.netns, "show bgp summary json"))
+            except (frr.FrrError, ValueError, subprocess.TimeoutExpired) as e:
+                return False, str(e)
+            self.sessions[n.name] = ss
+            if not ss:
+                return False, "no BGP sessions configured"
+        else:
+            assert n.agent is not None
+            try:
+                status = agent.read_status(n.name, n.agent)
+            except ValueError as e:
+                return False, str(e)
+            if status is None:
+                return False, f"no status in {n.agent.status} yet"
+            ss = list(status.sessions)
+            self.sessions[n.name] = ss
+            if not status.ready:
+                return False, "agent not ready" + (f" ({'; '.join(status.warnings)})" if status.warnings else "")
+        down = [f"{s.peer} {s.state}" for s in ss if not s.established]
+        return (not down), ", ".join(down)
+
+    def converge(self, deadline: float) -> bool:
+        bgp = [n for n in self.plan.nodes if n.speaks_bgp]
+        if not bgp:
+            return True
+        limit = min(deadline, time.monotonic() + self.checks.timeout)
+        start = time.monotonic()
+        passed: dict[str, float] = {}
+        why: dict[str, str] = {}
+        self.say(f"waiting up to {limit - start:.0f}s for the BGP sessions of {len(bgp)} node(s)")
+        while True:
+            for n in bgp:
+                if n.name in passed:
+                    continue
+                dead = self.dead_daemons(n)
+                if dead:
+                    why[n.name] = f"{', '.join(dead)} exited: " + self._tail_of(dead[0])
+                    continue
+                ok, reason = self.read_sessions(n)
+                if ok:
+                    passed[n.name] = time.monotonic() - start
+                else:
+                    why[n.name] = reason
+            all_dead_or_passed = all(n.name in passed or self.dead_daemons(n) for n in bgp)
+            if len(passed) == len(bgp) or all_dead_or_passed or time.monotonic() > limit:
+                break
+            time.sleep(POLL)
+        waited = time.monotonic() - start
+        for n in bgp:
+            ss = self.sessions.get(n.name, [])
+            up = sum(s.established for s in ss)
+            name = f"bgp {n.name}: every session Established"
+            if n.name in passed:
+                self.results.append(CheckResult(name, True, passed[n.name], f"{up}/{len(ss)} established"))
+            else:
+                self.results.append(CheckResult(name, False, waited, why.get(n.name, "not converged")))
+        ok = len(passed) == len(bgp)
+        self.say(f"bgp: {'all sessions Established' if ok else 'NOT converged'} after {waited:.1f}s")
+        return ok
+
+    def _tail_of(self, label: str) -> str:
+        p = next((p for p in self.procs.procs if p.label == label), None)
+        return p.log_tail(5).replace("\n", " | ") if p else ""
+
+    # -- checks --------------------------------------------------------------------------------
+
+    def run_checks(self, converged: bool, deadline: float) -> None:
+        if self.checks.sessions is not None:
+            total = sum(s.established for ss in self.sessions.values() for s in ss)
+            want = self.checks.sessions.min
+            self.results.append(CheckResult(f"sessions: at least {want} Established", total >= want, 0.0,
+                                            f"{total} Established (counted on every speaker)"))
+        for p in self.checks.pings:
+            self.results.append(self._retry(p.label(), lambda p=p: self._ping(p), p.timeout, converged, deadline))
+        servers = {(c.serve, c.port) for c in self.checks.tcp if c.serve}
+        for node, port in sorted(servers):
+            self._serve_tcp(node, port)
+        for c in self.checks.tcp:
+            self.results.append(self._retry(c.label(), lambda c=c: self._tcp(c), c.timeout, converged, deadline))
+
+    def _retry(self, name: str, attempt: Callable[[], tuple[bool, str]], timeout: float, converged: bool,
+               deadline: float) -> CheckResult:
+        # Routes can land a moment after the sessions come up: retry until the check's deadline.
+        # Without convergence one attempt is enough to show what fails.
+        start = time.monotonic()
+        limit = min(deadline, start + timeout)
+        while True:
+            ok, detail = attempt()
+            if ok or not converged or time.monotonic() > limit:
+                break
+            time.sleep(POLL)
+        result = CheckResult(name, ok, time.monotonic() - start, detail)
+        self.say(f"check {name}: {'pass' if ok else 'FAIL'} ({result.seconds:.1f}s)")
+        return result
+
+    def _ping(self, p: Ping) -> tuple[bool, str]:
+        ns = self.plan.netns(p.src)
+        r = subprocess.run(netns.exec_cmd(ns, ["ping", "-n", "-q", "-c", str(p.count), "-i", "0.2",
+                                               "-w", str(max(2, p.count)), p.to]),
+                           capture_output=True, text=True)
+        summary = next((ln for ln in r.stdout.splitlines() if "received" in ln), r.stderr.strip())
+        return r.returncode == 0, summary.strip()
+
+    def _serve_tcp(self, node: str, port: int) -> None:
+        code = ("import socket\n"
+                "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+                f"s.bind(('0.0.0.0', {port})); s.listen(16)\n"
+                "while True:\n    c, _ = s.accept(); c.close()\n")
+        n = self.plan.by_name(node)
+        self.procs.start(f"{node}/tcp-serve-{port}", netns.exec_cmd(n.netns, [sys.executable, "-c", code]),
+                         self.workdir / f"{node}.tcp-serve.log", self.env_for(n))
+
+    def _tcp(self, c: Tcp) -> tuple[bool, str]:
+        code = ("import socket, sys\n"
+                "try:\n"
+                f"    socket.create_connection(({c.to!r}, {c.port}), timeout=2).close()\n"
+                "except OSError as e:\n    print(e); sys.exit(1)\n")
+        r = subprocess.run(netns.exec_cmd(self.plan.netns(c.src), [sys.executable, "-c", code]),
+                           capture_output=True, text=True)
+        return r.returncode == 0, "connected" if r.returncode == 0 else (r.stdout + r.stderr).strip()[-120:]
+
+    # -- teardown ------------------------------------------------------------------------------
+
+    def teardown(self) -> None:
+        """Stop every process we started, remove every namespace (their veths go too) and our files."""
+        if self.torn_down:
+            return
+        self.torn_down = True
+        self.procs.stop_all()
+        for ns in self.created_ns:
+            netns.delete(ns)
+        for n in self.frr_nodes:
+            frr.cleanup(n.netns)
+        for n in self.agent_nodes:
+            assert n.agent is not None
+            agent.cleanup(n.agent)
+        left = [ns for ns in self.created_ns if netns.exists(ns)]
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.say("teardown: done" if not left else f"teardown: could not remove {', '.join(left)}")
+
+
+def _make_workdir() -> Path:
+    # Inside the lab kernel /tmp is the host's own /tmp (hostfs); /run is the lab kernel's tmpfs.
+    base = "/run" if labkernel.in_lab_kernel() else None
+    return Path(tempfile.mkdtemp(prefix="fabric-lab-", dir=base))
+
+
+def _install_signal_handlers() -> Callable[[], None]:
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+    return restore
+
+
+class _signals_ignored:
+    """Teardown must finish even if Ctrl-C is pressed again."""
+
+    def __enter__(self) -> None:
+        self.old = {}
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self.old.items():
+            signal.signal(s, h)
