@@ -1,0 +1,75 @@
+"""Import filters: mesh (pools, own pod CIDRs, node addresses, default) and external (filter, maxPrefixes)."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address as A
+from ipaddress import IPv4Network as N
+
+from bgp.policy import ExternalImportPolicy, MeshImportPolicy, Rejection, RejectionLog
+from fabric.config import Pool, PrefixFilter
+
+MESH = MeshImportPolicy(
+    pools=(Pool(cidr="10.244.0.0/16"), Pool(cidr="10.250.0.0/16", disabled=True)),
+    own_pod_cidrs=(N("10.244.1.0/24"),),
+    node_addresses=(A("10.0.0.1"), A("10.244.200.1")),
+)
+
+
+def test_mesh_accepts_pool_routes_and_rejects_the_rest_with_reasons() -> None:
+    ok, bad = MESH.filter([N("10.244.2.0/24"), N("10.244.3.0/26"), N("0.0.0.0/0"), N("10.244.1.0/24"),
+                           N("10.244.1.128/25"), N("10.250.1.0/24"), N("192.168.0.0/24"), N("10.0.0.0/24"),
+                           N("10.244.200.0/24"), N("10.244.0.0/16")])
+    assert ok == [N("10.244.2.0/24"), N("10.244.3.0/26")]
+    reasons = {r.prefix: r.reason for r in bad}
+    assert reasons[N("0.0.0.0/0")] == "default route"
+    assert reasons[N("10.244.1.0/24")] == "overlaps this node's pod CIDR 10.244.1.0/24"
+    assert reasons[N("10.244.1.128/25")].startswith("overlaps this node's pod CIDR")
+    assert reasons[N("10.250.1.0/24")] == "not inside an enabled IP pool"
+    assert reasons[N("192.168.0.0/24")] == "not inside an enabled IP pool"
+    assert reasons[N("10.0.0.0/24")] == "covers node address 10.0.0.1"
+    assert reasons[N("10.244.200.0/24")] == "covers node address 10.244.200.1"
+    assert reasons[N("10.244.0.0/16")].startswith("covers node address")  # the whole pool covers a node
+
+
+def test_external_prefix_filter() -> None:
+    pol = ExternalImportPolicy(PrefixFilter(allow=["10.0.0.0/8"], deny=["10.66.0.0/16"], max_length=24),
+                               node_addresses=(A("10.1.1.1"),))
+    ok, bad = pol.filter([N("10.1.0.0/16"), N("10.66.1.0/24"), N("10.2.3.0/25"), N("172.16.0.0/12"),
+                          N("10.1.1.1/32")])
+    assert ok == [N("10.1.0.0/16")]
+    assert {r.prefix: r.reason for r in bad} == {
+        N("10.66.1.0/24"): "denied by 10.66.0.0/16",
+        N("10.2.3.0/25"): "longer than maxLength 24",
+        N("172.16.0.0/12"): "not inside an allowed prefix",
+        N("10.1.1.1/32"): "is node address 10.1.1.1",
+    }
+
+
+def test_external_no_filter_accepts_everything_but_node_hosts() -> None:
+    ok, bad = ExternalImportPolicy(None).filter([N("0.0.0.0/0"), N("8.8.8.0/24")])
+    assert ok == [N("0.0.0.0/0"), N("8.8.8.0/24")] and bad == []
+
+
+def test_max_prefixes_rejects_the_excess_and_counts_what_is_held() -> None:
+    pol = ExternalImportPolicy(None, max_prefixes=3)
+    ok, bad = pol.filter([N(f"10.0.{i}.0/24") for i in range(5)])
+    assert ok == [N("10.0.0.0/24"), N("10.0.1.0/24"), N("10.0.2.0/24")]
+    assert [r.reason for r in bad] == ["max-prefixes 3 exceeded"] * 2
+    # later update: 2 held, one re-announced (still fine), two new: only one fits
+    ok, bad = pol.filter([N("10.0.0.0/24"), N("10.9.0.0/24"), N("10.9.1.0/24")],
+                         held=[N("10.0.0.0/24"), N("10.0.1.0/24")])
+    assert ok == [N("10.0.0.0/24"), N("10.9.0.0/24")]
+    assert bad == [Rejection(N("10.9.1.0/24"), "max-prefixes 3 exceeded")]
+
+
+def test_rejection_log_reports_each_once() -> None:
+    log = RejectionLog()
+    r1, r2 = Rejection(N("0.0.0.0/0"), "default route"), Rejection(N("1.0.0.0/8"), "x")
+    assert log.new("b", [r1, r2]) == [r1, r2]
+    assert log.new("b", [r1, r2]) == []
+    assert log.new("c", [r1]) == [r1]
+    log.forget_peer("b")
+    assert log.new("b", [r1]) == [r1]
+    small = RejectionLog(limit=2)
+    small.new("p", [r1, r2])
+    assert small.new("p", [Rejection(N("2.0.0.0/8"), "y")])  # bounded: starts over instead of growing
