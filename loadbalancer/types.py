@@ -1,0 +1,97 @@
+"""Typed desired state of the service proxy: IPVS virtual/real servers, nftables elements, health checks.
+
+Plain frozen values, no I/O. Addresses are IPv4 dotted strings; protocols are "TCP", "UDP", "SCTP".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132}
+PROTO_NAMES = {v: k for k, v in PROTOCOLS.items()}
+
+VSKey = tuple[str, str, int]  # (proto, vip, port)
+RealKey = tuple[str, int]  # (address, port)
+
+
+@dataclass(frozen=True, order=True)
+class RealServer:
+    addr: str
+    port: int
+    weight: int = 1  # 0 = terminating: existing connections drain, no new ones
+
+    @property
+    def key(self) -> RealKey:
+        return (self.addr, self.port)
+
+
+@dataclass(frozen=True)
+class VirtualServer:
+    proto: str
+    addr: str
+    port: int
+    scheduler: str
+    persistence: int = 0  # seconds of ClientIP affinity; 0 = none
+    reals: tuple[RealServer, ...] = ()  # sorted by (addr, port)
+
+    @property
+    def key(self) -> VSKey:
+        return (self.proto, self.addr, self.port)
+
+    def real_map(self) -> dict[RealKey, RealServer]:
+        return {r.key: r for r in self.reals}
+
+    def same_options(self, other: "VirtualServer") -> bool:
+        return self.scheduler == other.scheduler and self.persistence == other.persistence
+
+    def __str__(self) -> str:
+        aff = f" persistent {self.persistence}" if self.persistence else ""
+        reals = ", ".join(f"{r.addr}:{r.port} w{r.weight}" for r in self.reals) or "no endpoints"
+        return f"{self.proto} {self.addr}:{self.port} {self.scheduler}{aff} -> {reals}"
+
+
+# nftables elements, each a tuple rendered into one named set of `table inet bgp-fabric`.
+#   masq:      (vip, proto, port)          NodePort/External/LB VS with ETP=Cluster: masquerade, replies return here
+#   cluster:   (vip, proto, port)          ClusterIP VS: masquerade traffic from outside the cluster CIDR / the node
+#   hairpin:   (ep, proto, port, ep)       pod -> its own service -> itself: masquerade so the reply comes back
+#   lbranges:  (vip, proto, port)          LB VS restricted by loadBalancerSourceRanges
+#   lballow:   (vip, proto, port, cidr)    allowed source ranges for it
+NftElement = tuple[str, tuple]
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    port: int
+    service: str  # "ns/name"
+    local_endpoints: int
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    """Everything one Service asks of this node."""
+
+    key: str
+    virtual_servers: tuple[VirtualServer, ...] = ()
+    addresses: frozenset[str] = frozenset()  # bound on the dummy device
+    nft: frozenset[NftElement] = frozenset()
+    health_check: HealthCheck | None = None
+    udp_vips: frozenset[tuple[str, int]] = frozenset()  # (vip, port): conntrack to flush for removed UDP endpoints
+    why: tuple[str, ...] = ()  # how the inputs became this state (for explain)
+
+
+@dataclass(frozen=True)
+class ServiceError:
+    key: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class NodeContext:
+    """What the model needs to know about this node and the proxy settings."""
+
+    node_name: str
+    node_addresses: tuple[str, ...]
+    node_port_addresses: tuple[str, ...]  # node addresses inside nodePortAddresses (or all of them)
+    default_scheduler: str = "rr"
+    masquerade_all: bool = False
+    cluster_cidrs: tuple[str, ...] = field(default_factory=tuple)
