@@ -48,9 +48,15 @@ def from_frr_summary(node: str, text: str) -> list[Session]:
                         name=str(p.get("desc", "") or p.get("hostname", "")),
                         prefixes=pfx if isinstance(pfx, int) else None)
             prev = by_peer.get(s.peer)
-            if prev is None or (s.established and not prev.established):
-                by_peer[s.peer] = s
+            by_peer[s.peer] = s if prev is None else _merge(prev, s)
     return sorted(by_peer.values(), key=lambda s: s.peer)
+
+
+def _merge(a: Session, b: Session) -> Session:
+    """One peer seen in two address families: established if either is; prefixes add up."""
+    pfx = None if a.prefixes is None and b.prefixes is None else (a.prefixes or 0) + (b.prefixes or 0)
+    return Session(node=a.node, peer=a.peer, state=a.state if a.established or not b.established else b.state,
+                   remote_as=a.remote_as or b.remote_as, name=a.name or b.name, prefixes=pfx)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,133 @@
+"""`fabric lab run` for real in the lab kernel: the default lab passes twice in a row, a failing check fails
+the run, SIGTERM tears down — and every time no namespace, process, veth, FRR state or temp dir is left."""
+
+from __future__ import annotations
+
+import io
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fabric.lab import runner
+
+pytestmark = pytest.mark.kernel
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_LAB = REPO / "labs" / "two-racks.clab.yml"
+
+
+def snapshot() -> dict[str, set[str]]:
+    """What a lab could leave behind: namespaces, root-namespace veths, FRR state, lab dirs, daemons."""
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    veths = subprocess.run(["ip", "-o", "link", "show", "type", "veth"], capture_output=True, text=True).stdout
+    procs = subprocess.run(["pgrep", "-a", "-f", r"/usr/lib/frr/|fabric.cli agent|socket.SO_REUSEADDR"],
+                           capture_output=True, text=True).stdout
+    return {
+        "netns": {line.split()[0] for line in ns.splitlines() if line.strip()},
+        "veth": {line.split(":")[1].strip() for line in veths.splitlines() if line.strip()},
+        "frr-state": {p.name for p in Path("/run/frr").glob("*")} if Path("/run/frr").exists() else set(),
+        "lab-dirs": {str(p) for base in ("/run", "/tmp") for p in Path(base).glob("fabric-lab-*")},
+        "procs": {line for line in procs.splitlines() if "pgrep" not in line},
+    }
+
+
+def assert_nothing_left(before: dict[str, set[str]]) -> None:
+    after = snapshot()
+    for key, items in after.items():
+        assert items <= before[key], f"left behind ({key}): {sorted(items - before[key])}"
+
+
+def test_default_lab_passes_twice_in_a_row_and_leaves_nothing() -> None:
+    before = snapshot()
+    for attempt in (1, 2):
+        out = io.StringIO()
+        rc = runner.run(DEFAULT_LAB, timeout=240, out=out)
+        text = out.getvalue()
+        assert rc == 0, f"run {attempt} failed:\n{text}"
+        assert "verdict: PASS" in text
+        # every session of every FRR node, as FRR's JSON reported it
+        assert text.count(" established ") >= 8
+        for node in ("tor", "node-a1", "node-a2", "node-b1", "node-b2"):
+            assert re.search(rf"bgp {node}: every session Established +pass", text), node
+        assert "ping pod-a1 -> 10.244.3.10" in text and "ping pod-b1 -> 10.244.1.10" in text
+        assert "teardown: done" in text
+        assert_nothing_left(before)
+
+
+def small_lab(tmp_path: Path, checks: dict, frr_peer: bool = False) -> Path:
+    """Two hosts on one link (10.9.0.0/24); optionally an FRR node whose only peer never answers."""
+    nodes: dict = {
+        "h1": {"kind": "linux", "image": "alpine", "exec": ["ip addr add 10.9.0.1/24 dev eth1"]},
+        "h2": {"kind": "linux", "image": "alpine", "exec": ["ip addr add 10.9.0.2/24 dev eth1"]},
+    }
+    links = [{"endpoints": ["h1:eth1", "h2:eth1"]}]
+    if frr_peer:
+        (tmp_path / "frr.conf").write_text(
+            "router bgp 64512\n neighbor 10.9.1.2 remote-as 64513\n neighbor 10.9.1.2 timers connect 1\n")
+        nodes["r"] = {"image": "quay.io/frrouting/frr:10.2.1", "binds": ["frr.conf:/etc/frr/frr.conf"],
+                      "exec": ["ip addr add 10.9.1.1/24 dev eth1"]}
+        links.append({"endpoints": ["r:eth1", "h2:eth2"]})
+    (tmp_path / "small.clab.yml").write_text(yaml.safe_dump({"name": "small", "topology": {"nodes": nodes,
+                                                                                           "links": links}}))
+    (tmp_path / "small.checks.yml").write_text(yaml.safe_dump(checks))
+    return tmp_path / "small.clab.yml"
+
+
+def test_a_failing_check_fails_the_run_and_still_cleans_up(tmp_path: Path) -> None:
+    lab = small_lab(tmp_path, {"pings": [{"from": "h1", "to": "10.9.0.2"},
+                                         {"from": "h1", "to": "10.9.0.99", "timeout": 2}]})
+    before = snapshot()
+    out = io.StringIO()
+    rc = runner.run(lab, timeout=60, out=out)
+    text = out.getvalue()
+    assert rc == 1, text
+    assert "ping h1 -> 10.9.0.2 " in text and "ping h1 -> 10.9.0.99" in text
+    lines = {line.split("  ")[1].strip(): line for line in text.splitlines() if line.startswith("  ping")}
+    assert " pass " in lines["ping h1 -> 10.9.0.2"] and " FAIL " in lines["ping h1 -> 10.9.0.99"]
+    assert "verdict: FAIL (1/2 checks passed)" in text
+    assert_nothing_left(before)
+
+
+def test_a_failing_exec_command_fails_the_build_and_cleans_up(tmp_path: Path) -> None:
+    lab = small_lab(tmp_path, {})
+    data = yaml.safe_load(lab.read_text())
+    data["topology"]["nodes"]["h2"]["exec"].append("ip route add 10.99.0.0/16 via 10.8.8.8")
+    lab.write_text(yaml.safe_dump(data))
+    before = snapshot()
+    out = io.StringIO()
+    assert runner.run(lab, timeout=60, out=out) == 1
+    assert "build failed: h2: exec[1] 'ip route add 10.99.0.0/16 via 10.8.8.8' exited" in out.getvalue()
+    assert_nothing_left(before)
+
+
+def test_sigterm_while_waiting_tears_everything_down(tmp_path: Path) -> None:
+    lab = small_lab(tmp_path, {"timeout": 120}, frr_peer=True)
+    before = snapshot()
+    proc = subprocess.Popen([sys.executable, "-m", "fabric.cli", "lab", "run", str(lab)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "waiting up to" in line:
+                # the FRR daemons are up now; the lab waits for a session that never comes
+                assert any("frr: configuration loaded" in ln for ln in lines)
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest, _ = proc.communicate(timeout=60)
+        lines.append(rest)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(lines)
+    assert proc.returncode == 128 + signal.SIGTERM, text
+    assert "interrupted (SIGTERM); tearing down" in text and "teardown: done" in text
+    assert_nothing_left(before)
