@@ -24,7 +24,8 @@ from bgp.exabgp_config import Neighbor, NeighborError
 from bgp.rib import Rib
 from fabric import status as status_mod
 from fabric.bgp_desired import desired_announcements, desired_neighbors, local_pod_cidrs
-from fabric.config import AgentConfig, IPIPMode
+from fabric.config import AgentConfig
+from fabric.effective import effective_config
 from fabric.health import HealthServer
 from fabric.import_policy import ImportFilter
 from fabric.inputs import NodeInfo
@@ -37,7 +38,9 @@ log = logging.getLogger("fabric.agent")
 
 class Agent:
     def __init__(self, cfg: AgentConfig, config_path: Path, *, speaker_factory=None, service_proxy_factory=None):
-        self.cfg = cfg
+        self.base_cfg = cfg
+        self.cfg = cfg  # effective: base config overlaid with IPPool/BGPPeer/BGPConfiguration objects
+        self._cfg_problems: list[str] = []
         self.config_dir = config_path.resolve().parent
         self.run_dir = self._path(cfg.paths.run_dir)
         self.store = Store()
@@ -221,8 +224,10 @@ class Agent:
             self._next_resync = now + self.cfg.timers.resync_interval
             self.store.request_full()
         changes = self.store.take()
+        if changes.full or changes.of("IPPool") or changes.of("BGPPeer") or changes.of("BGPConfiguration"):
+            self._refresh_config()
         self.rib.expire(now)
-        self._warnings = []
+        self._warnings = list(self._cfg_problems)
         if self.source is not None and getattr(self.source, "problems", None):
             self._warnings += list(self.source.problems)
 
@@ -241,6 +246,20 @@ class Agent:
         self._synced_once = True
         self._ready = self._view is not None
         self._write_status()
+
+    def _refresh_config(self) -> None:
+        cfg, problems = effective_config(self.base_cfg, self.store.snapshot("BGPConfiguration"),
+                                         self.store.snapshot("BGPPeer"), self.store.snapshot("IPPool"),
+                                         previous=self.cfg)
+        for p in problems:
+            if p not in self._cfg_problems:
+                log.error("cluster object rejected, keeping its last good version: %s", p)
+        self._cfg_problems = problems
+        if cfg != self.cfg:
+            log.info("effective configuration changed (pools: %s)",
+                     ", ".join(f"{p.cidr} {p.ipip_mode.value}" for p in cfg.pools) or "none")
+            self.cfg = cfg
+            self.import_filter = ImportFilter(cfg)
 
     async def _sync_bgp(self, nodes: dict[str, NodeInfo], pod_cidrs: list[ipaddress.IPv4Network]) -> list[Neighbor]:
         neighbors, problems = desired_neighbors(self.cfg, nodes)

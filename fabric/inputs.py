@@ -29,6 +29,11 @@ class ClusterState(Model):
     nodes: list[NodeInfo] = Field(default_factory=list)
     services: list[dict[str, Any]] = Field(default_factory=list)
     endpoint_slices: list[dict[str, Any]] = Field(default_factory=list, alias="endpointSlices")
+    # The BGP custom resources, in their Kubernetes shape (metadata + spec), as the Kubernetes source
+    # delivers them: the file source lets a lab change pools/peers cluster-wide without restarts.
+    ip_pools: list[dict[str, Any]] = Field(default_factory=list, alias="ipPools")
+    bgp_peers: list[dict[str, Any]] = Field(default_factory=list, alias="bgpPeers")
+    bgp_configurations: list[dict[str, Any]] = Field(default_factory=list, alias="bgpConfigurations")
 
     def node(self, name: str) -> NodeInfo | None:
         return next((n for n in self.nodes if n.name == name), None)

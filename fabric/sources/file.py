@@ -45,6 +45,9 @@ def load_into(store: Store, state: ClusterState) -> int:
     n = store.replace("Node", {node.name: node for node in state.nodes})
     n += store.replace("Service", {_key(s): s for s in state.services if isinstance(s, dict)})
     n += store.replace("EndpointSlice", {_key(s): s for s in state.endpoint_slices if isinstance(s, dict)})
+    for kind, objs in (("IPPool", state.ip_pools), ("BGPPeer", state.bgp_peers),
+                       ("BGPConfiguration", state.bgp_configurations)):
+        n += store.replace(kind, {(o.get("metadata") or {}).get("name", "?"): o for o in objs if isinstance(o, dict)})
     return n
 
 
