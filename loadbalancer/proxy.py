@@ -159,7 +159,9 @@ class ServiceProxy:
         plan = Plan()
         owner = {vk: s for vk, s in self._vs_owner.items() if s not in results}
         new_states: dict[str, ServiceState | None] = {}
-        for key, r in sorted(results.items()):
+        # A virtual server claimed by two services stays with its current owner, else goes to the first by key.
+        owners_now = set(self._vs_owner.values())
+        for key, r in sorted(results.items(), key=lambda kv: (kv[0] not in owners_now, kv[0])):
             if isinstance(r, ServiceError):
                 plan.errors[key] = r.reason
                 r = None
