@@ -3,8 +3,11 @@
 It only moves bytes: every line ExaBGP writes to our stdin (JSON messages, `done`/`error` acks) goes to
 the agent's unix socket, every line the agent writes goes to our stdout (ExaBGP's command input).
 stdin is read at all times by its own thread: ExaBGP blocks in a pipe write if its helper stops reading,
-its keepalives stop and peers drop the session at hold time. While the agent's socket is gone, lines
-from stdin are dropped and the relay reconnects with a capped backoff (blocking waits, no busy loop).
+its keepalives stop and peers drop the session at hold time. Until the first connection, lines are
+kept (up to EARLY_LIMIT bytes): ExaBGP starts us before its sessions come up, and a fast peer reaches
+`up` while Python is still starting; those first state/OPEN messages must reach the agent. After
+that, while the agent's socket is gone, lines from stdin are dropped and the relay reconnects with a
+capped backoff (blocking waits, no busy loop).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import threading
 
 BACKOFF_START = 0.05
 BACKOFF_MAX = 1.0
+EARLY_LIMIT = 64 * 1024 * 1024
 _STOP = object()
 
 
@@ -31,6 +35,10 @@ class Relay:
         self.connected = threading.Event()
         self.done = threading.Event()
         self.dropped = 0
+        self.lock = threading.Lock()  # orders "buffer early lines" against "connected: flush them"
+        self.ever_connected = False
+        self.early: list[bytes] = []
+        self.early_bytes = 0
 
     # stdin -> outbox: never blocks on anything but stdin itself
     def read_stdin(self) -> None:
@@ -47,11 +55,16 @@ class Relay:
             buf += chunk
             cut = buf.rfind(b"\n")
             if cut >= 0:
-                if self.connected.is_set():
-                    self.outbox.put(buf[:cut + 1])
-                else:
-                    self.dropped += buf.count(b"\n", 0, cut + 1)
+                lines = buf[:cut + 1]
                 buf = buf[cut + 1:]
+                with self.lock:
+                    if self.connected.is_set():
+                        self.outbox.put(lines)
+                    elif not self.ever_connected and self.early_bytes + len(lines) <= EARLY_LIMIT:
+                        self.early.append(lines)
+                        self.early_bytes += len(lines)
+                    else:
+                        self.dropped += lines.count(b"\n")
         self.done.set()
         self.outbox.put(_STOP)
 
@@ -106,7 +119,12 @@ class Relay:
                 continue
             delay = BACKOFF_START
             self.sock = sock
-            self.connected.set()
+            with self.lock:
+                for lines in self.early:
+                    self.outbox.put(lines)
+                self.early, self.early_bytes = [], 0
+                self.ever_connected = True
+                self.connected.set()
             self._pump_socket(sock)
             self.connected.clear()
             self.sock = None

@@ -1,7 +1,9 @@
 """Supervise ExaBGP as a child process and speak to it through the relay helper (asyncio).
 
 The Speaker owns `run_dir`: `exabgp.conf` (generated), `relay.sock` (our unix socket server, the relay
-connects to it) and `exabgp.log`. ExaBGP is started with PR_SET_PDEATHSIG=SIGTERM so it dies with us,
+connects to it) and `exabgp.log`. ExaBGP is started with PR_SET_PDEATHSIG=SIGKILL so it dies with us
+(SIGKILL, not SIGTERM: on SIGTERM ExaBGP sends a Cease NOTIFICATION and RFC 4724 peers then flush
+our routes at once; a plain TCP close lets them keep our routes for the graceful-restart time),
 and restarted with backoff if it dies (sessions drop; peers keep our routes by graceful restart, the
 RIB keeps theirs: SpeakerRestarted). After every relay (re)connection the whole desired set is
 announced again (identical routes cause no UPDATE) followed by End-of-RIB; when a neighbor comes up,
@@ -44,7 +46,7 @@ LINE_LIMIT = 64 * 1024 * 1024  # one UPDATE's JSON can be large
 
 def _die_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def default_exabgp() -> str:
@@ -75,6 +77,7 @@ class Speaker:
         self.starts = 0
         self.relay_connections = 0
         self._relay_connected = asyncio.Event()
+        self._relay_tasks: set[asyncio.Task[None]] = set()
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -87,8 +90,12 @@ class Speaker:
         await self._spawn()
         self._supervisor = asyncio.create_task(self._supervise(), name="exabgp-supervisor")
 
-    async def stop(self) -> None:
-        """Stop ExaBGP (kernel routes are not ours to touch) and close the socket."""
+    async def stop(self, graceful: bool = True) -> None:
+        """Stop ExaBGP (kernel routes are not ours to touch) and close the socket.
+
+        graceful: kill ExaBGP so it sends no NOTIFICATION; peers see the TCP session close and keep our
+        routes for our graceful-restart time (a restart or upgrade loses no packet). Not graceful:
+        SIGTERM, ExaBGP sends Cease and peers drop our routes at once (a node leaving for good)."""
         self._stopping = True
         if self._supervisor:
             self._supervisor.cancel()
@@ -98,14 +105,19 @@ class Speaker:
                 pass
         proc = self._proc
         if proc and proc.returncode is None:
-            proc.terminate()
+            if graceful:
+                proc.kill()
+            else:
+                proc.terminate()
             try:
                 await asyncio.wait_for(proc.wait(), 10)
             except asyncio.TimeoutError:
                 proc.kill()
                 await proc.wait()
-        if self._writer:
-            self._writer.close()
+        for task in list(self._relay_tasks):
+            task.cancel()
+        if self._relay_tasks:
+            await asyncio.gather(*self._relay_tasks, return_exceptions=True)
         if self._server:
             self._server.close()
             await self._server.wait_closed()
@@ -159,6 +171,9 @@ class Speaker:
     # ----- the relay connection -----------------------------------------------------------------
 
     async def _on_relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._relay_tasks.add(task)
         if self._writer is not None:  # a new relay replaces the old one (ExaBGP respawned it)
             self._writer.close()
         self._writer = writer
@@ -184,11 +199,15 @@ class Speaker:
                 if not line:
                     break
                 self._handle_line(line.decode("utf-8", "replace"))
+        except asyncio.CancelledError:
+            pass  # stop(): end quietly (asyncio's stream callback would report a cancelled handler)
         finally:
             if self._writer is writer:
                 self._writer = None
                 self._relay_connected.clear()
             writer.close()
+            if task is not None:
+                self._relay_tasks.discard(task)
 
     def _handle_line(self, line: str) -> None:
         msg = parse_line(line)
