@@ -8,13 +8,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from fakeapi import FakeApiServer
 from kubernetes import client
 
 from fabric.config import KubernetesSource as KubernetesSourceConfig
 from fabric.inputs import NodeInfo
 from fabric.sources.kubernetes import KubernetesSource, SecretError
 from fabric.tracker import KINDS, Store
+from tests.fakeapi import FakeApiServer
 
 
 def wait_until(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
