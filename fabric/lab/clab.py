@@ -37,7 +37,7 @@ TOP_KEYS = {"name", "topology", "prefix", "mgmt", "settings"}
 TOPOLOGY_KEYS = {"nodes", "links", "kinds", "defaults", "groups"}
 LINK_KEYS = {"endpoints", "type", "mtu", "labels", "vars"}
 # Endpoint "nodes" that containerlab treats specially; they would reach outside the lab.
-SPECIAL_ENDPOINT_NODES = {"host", "mgmt-net", "macvlan", "bridge"}
+SPECIAL_ENDPOINT_NODES = {"host", "mgmt-net", "macvlan"}
 
 
 class TopologyError(Exception):

@@ -13,6 +13,7 @@ import pwd
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fabric.lab import netns
@@ -58,7 +59,7 @@ def start(procs: Processes, node: str, ns: str, spec: FrrSpec, logdir: Path, env
     return names
 
 
-def wait_ready(ns: str, names: list[str], deadline: float, alive) -> None:
+def wait_ready(ns: str, names: list[str], deadline: float, alive: Callable[[], bool]) -> None:
     """Wait until every daemon's vty socket exists (startup only; polled with a deadline)."""
     run = state_dir(ns)
     while True:

@@ -55,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
     """Entry point of `fabric lab run` (args: topology, keep, timeout)."""
     try:
         topology = clab.load(args.topology)
-        lab_checks, _ = checks_mod.load_for(topology)
+        checks_mod.load_for(topology)
         plan(topology, "0000")  # validate node kinds/binds before booting anything
     except clab.TopologyError as e:
         for line in e.problems:
@@ -70,7 +70,7 @@ def _in_lab_kernel(topology: Path, *, keep: bool, timeout: float) -> int:
     cmd = [sys.executable, "-m", "fabric.cli", "lab", "run", str(topology), "--timeout", str(timeout)]
     if keep:
         cmd.append("--keep")
-    print(f"lab: this kernel lacks ipip/IPVS/dummy; running the lab inside the lab kernel (one boot)", flush=True)
+    print("lab: this kernel lacks ipip/IPVS/dummy; running the lab inside the lab kernel (one boot)", flush=True)
     try:
         r = labkernel.run(cmd, timeout=timeout + 120, cwd=str(labkernel.REPO_ROOT), stream=True)
     except labkernel.LabKernelError as e:
@@ -97,24 +97,25 @@ def run(topology_path: str | Path, *, keep: bool = False, timeout: float = 900, 
         return EXIT_BAD_INPUT
     lab = Lab(lab_plan, lab_checks, out)
     restore = _install_signal_handlers()
+    result: int | None = None  # set once the report is out (then --keep's Ctrl-C keeps the verdict)
     try:
         lab.say(f"lab {topology.name}: {len(topology.nodes)} nodes, {len(topology.links)} links"
                 f" (run {lab_plan.run_id}, checks: {checks_file or 'sessions only'})")
         for note in lab_plan.notes:
             lab.say(f"note: {note}")
-        ok = lab.run(deadline=time.monotonic() + timeout)
+        result = EXIT_OK if lab.run(deadline=time.monotonic() + timeout) else EXIT_FAIL
         if keep:
             lab.say(f"--keep: lab is up (namespaces {lab_plan.topology.name}-{lab_plan.run_id}-*, logs in "
                     f"{lab.workdir}); Ctrl-C or SIGTERM tears it down")
             while True:
                 signal.pause()
-        return EXIT_OK if ok else EXIT_FAIL
+        return result
     except Interrupted as e:
         lab.say(f"interrupted ({e}); tearing down")
-        return 128 + e.signum
+        return result if result is not None else 128 + e.signum
     except KeyboardInterrupt:
         lab.say("interrupted; tearing down")
-        return 130
+        return result if result is not None else 130
     finally:
         with _signals_ignored():
             lab.teardown()

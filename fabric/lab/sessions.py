@@ -78,9 +78,11 @@ def from_agent_status(node: str, data: Any) -> AgentStatus:
     for p in peers:
         if not isinstance(p, dict):
             continue
+        routes = p.get("routes")
         sessions.append(Session(node=node, peer=str(p.get("address", p.get("name", "?"))),
                                 state=str(p.get("state", "unknown")).lower(), name=str(p.get("name", "")),
-                                remote_as=str(p.get("asn", p.get("remoteAs", "")) or "")))
+                                remote_as=str(p.get("asn", p.get("remoteAs", "")) or ""),
+                                prefixes=routes if isinstance(routes, int) else None))
     warnings = data.get("warnings") or []
     return AgentStatus(node=node, ready=bool(data.get("ready", False)), sessions=tuple(sessions),
                        warnings=tuple(str(w) for w in warnings) if isinstance(warnings, list) else (str(warnings),))
