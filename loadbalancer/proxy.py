@@ -55,22 +55,28 @@ def node_context(settings: ServiceSettings, node_name: str, node_addresses: Sequ
 
 
 def _refs_change(refs: dict, old: dict[str, Iterable], new: dict[str, Iterable]) -> tuple[dict, set, set]:
-    """New refcount map {item: {services}} after replacing each service's items; returns (refs, added, removed)."""
-    out = {i: set(s) for i, s in refs.items()}
-    touched = set()
+    """Replace each listed service's items in a refcount map {item: {services}}, touching only those items.
+
+    Returns (updates: {item: new service set, empty = drop}, items that appear, items that disappear).
+    """
+    upd: dict = {}
     for svc, items in old.items():
         for i in items:
-            out[i].discard(svc)
-            touched.add(i)
+            upd.setdefault(i, set(refs.get(i, ()))).discard(svc)
     for svc, items in new.items():
         for i in items:
-            out.setdefault(i, set()).add(svc)
-            touched.add(i)
-    added = {i for i in touched if out.get(i) and not refs.get(i)}
-    removed = {i for i in touched if not out.get(i) and refs.get(i)}
-    for i in removed:
-        del out[i]
-    return out, added, removed
+            upd.setdefault(i, set(refs.get(i, ()))).add(svc)
+    added = {i for i, v in upd.items() if v and not refs.get(i)}
+    removed = {i for i, v in upd.items() if not v and refs.get(i)}
+    return upd, added, removed
+
+
+def _apply_refs(refs: dict, upd: dict) -> None:
+    for i, v in upd.items():
+        if v:
+            refs[i] = v
+        else:
+            refs.pop(i, None)
 
 
 class ServiceProxy:
@@ -157,28 +163,34 @@ class ServiceProxy:
 
     def _plan_services(self, results: dict[str, ServiceState | ServiceError | None]) -> Plan:
         plan = Plan()
-        owner = {vk: s for vk, s in self._vs_owner.items() if s not in results}
+        claimed: dict[VSKey, str] = {}
+
+        def owner(vk: VSKey) -> str | None:
+            if vk in claimed:
+                return claimed[vk]
+            o = self._vs_owner.get(vk)  # a service being recomputed here only owns what it claims again
+            return None if o is None or o in results else o
+
         new_states: dict[str, ServiceState | None] = {}
         # A virtual server claimed by two services stays with its current owner, else goes to the first by key.
-        owners_now = set(self._vs_owner.values())
-        for key, r in sorted(results.items(), key=lambda kv: (kv[0] not in owners_now, kv[0])):
+        for key, r in sorted(results.items(), key=lambda kv: (kv[0] not in self._states, kv[0])):
             if isinstance(r, ServiceError):
                 plan.errors[key] = r.reason
                 r = None
             elif isinstance(r, ServiceState):
-                clash = next(((vk, owner[vk]) for vk in (v.key for v in r.virtual_servers) if vk in owner), None)
+                clash = next(((v.key, o) for v in r.virtual_servers if (o := owner(v.key)) not in (None, key)), None)
                 if clash:
                     (proto, ip, port), other = clash
                     plan.errors[key] = f"virtual server {ip}:{port}/{proto} already belongs to service {other}"
                     r = None
                 else:
-                    owner.update({v.key: key for v in r.virtual_servers})
+                    claimed.update({v.key: key for v in r.virtual_servers})
             new_states[key] = r
             plan.services[key] = r
         old_vs = {v.key: v for key in results for v in (self._states[key].virtual_servers if key in self._states else ())}
         new_vs = {v.key: v for s in new_states.values() if s for v in s.virtual_servers}
         diff_virtual_servers(plan, old_vs, new_vs)
-        plan.owners = {vk: owner.get(vk) or self._vs_owner.get(vk, "?") for vk in old_vs.keys() | new_vs.keys()}
+        plan.owners = {vk: claimed.get(vk) or self._vs_owner.get(vk, "?") for vk in old_vs.keys() | new_vs.keys()}
         _, add, rem = _refs_change(self._addr_refs, {s: self._states[s].addresses for s in results if s in self._states},
                                    {s: st.addresses for s, st in new_states.items() if st})
         plan.addr_add, plan.addr_delete = sorted(add), sorted(rem)
@@ -235,7 +247,7 @@ class ServiceProxy:
             failed.add(svc)
 
         addr_owner = {a: s for s, st in plan.services.items() if st for a in st.addresses}
-        for a, msg in kernel.address_change(plan.addr_add, []):
+        for a, msg in (kernel.address_change(plan.addr_add, []) if plan.addr_add else []):
             blame(addr_owner.get(a, self.ERROR_NODE), msg)
         ops: list[k.Op] = ([k.op_del_vs(x) for x in plan.vs_delete] + [k.op_del_real(v, r) for v, r in plan.real_delete]
                            + [k.op_add_vs(v) for v in plan.vs_add] + [k.op_set_vs(v) for v in plan.vs_update]
@@ -243,7 +255,7 @@ class ServiceProxy:
                            + [k.op_set_real(v, r) for v, r in plan.real_update])
         for err in kernel.ipvs_run(ops):
             blame(plan.owners.get(err.op.vs) or self._vs_owner.get(err.op.vs) or self.ERROR_NODE, str(err))
-        for a, msg in kernel.address_change([], plan.addr_delete):
+        for a, msg in (kernel.address_change([], plan.addr_delete) if plan.addr_delete else []):
             blame(self._addr_owner(a) or self.ERROR_NODE, msg)
         res.kernel_ops = plan.kernel_ops()
 
@@ -262,7 +274,7 @@ class ServiceProxy:
                 nft_err = kernel.nft(self._render_nft(st.nft for st in self._states.values()))
         if not nft_missing and nft_err:
             blame(self.ERROR_NODE, f"nft: {nft_err}")
-        for e in kernel.conntrack_flush_udp(plan.conntrack_flush):
+        for e in (kernel.conntrack_flush_udp(plan.conntrack_flush) if plan.conntrack_flush else []):
             res.errors.setdefault(self.ERROR_NODE, []).append(e)
         if plan.health is not None:
             if self._health is None:
@@ -282,10 +294,10 @@ class ServiceProxy:
         """Record the plan's desired states as the current ones (the kernel now matches them)."""
         old = {s: self._states[s] for s in plan.services if s in self._states}
         new = {s: st for s, st in plan.services.items() if st}
-        self._addr_refs = _refs_change(self._addr_refs, {s: st.addresses for s, st in old.items()},
-                                       {s: st.addresses for s, st in new.items()})[0]
-        self._nft_refs = _refs_change(self._nft_refs, {s: st.nft for s, st in old.items()},
-                                      {s: st.nft for s, st in new.items()})[0]
+        _apply_refs(self._addr_refs, _refs_change(self._addr_refs, {s: st.addresses for s, st in old.items()},
+                                                  {s: st.addresses for s, st in new.items()})[0])
+        _apply_refs(self._nft_refs, _refs_change(self._nft_refs, {s: st.nft for s, st in old.items()},
+                                                 {s: st.nft for s, st in new.items()})[0])
         for s, st in old.items():
             for v in st.virtual_servers:
                 if self._vs_owner.get(v.key) == s:
