@@ -37,7 +37,10 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
+from fabric.config import AgentConfig
 from fabric.config import KubernetesSource as KubernetesSourceConfig
+from fabric.crds import KINDS as CRD_KINDS
+from fabric.crds import CrdConfig, Problem
 from fabric.sources.k8s_convert import KIND_INFO, SkipObject, convert, key_of
 from fabric.sources.k8s_watch import Backoff, Reflector
 from fabric.tracker import KINDS, Store
@@ -104,6 +107,10 @@ class KubernetesSource:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._reported: set[tuple[str, str, str, str]] = set()
+        self._lock = threading.Lock()
+        self._skipped: dict[tuple[str, str], str] = {}  # objects not recorded, and why
+        self._crd_problems: list[str] = []
+        self._crds = CrdConfig()
         core = k8s.CoreV1Api(self.api_client)
         custom = k8s.CustomObjectsApi(self.api_client)
         lists: dict[str, Callable[..., Any]] = {
@@ -153,6 +160,7 @@ class KubernetesSource:
     def _lister(self, kind: str) -> Callable[[list[dict[str, Any]]], None]:
         def on_list(items: list[dict[str, Any]]) -> None:
             values: dict[str, Any] = {}
+            skipped: dict[tuple[str, str], str] = {}
             for obj in items:
                 try:
                     key, value = convert(kind, obj)
@@ -162,10 +170,13 @@ class KubernetesSource:
                         key = key_of(kind, obj)
                     except SkipObject:
                         continue
+                    skipped[(kind, key)] = str(e)
                     value = self.store.get(kind, key)  # keep the last good version, if any
                     if value is None:
                         continue
                 values[key] = value
+            with self._lock:
+                self._skipped = {k: v for k, v in self._skipped.items() if k[0] != kind} | skipped
             n = self.store.replace(kind, values)
             log.info("%s: listed %d, %d changed", kind, len(values), n)
         return on_list
@@ -173,13 +184,23 @@ class KubernetesSource:
     def _watcher(self, kind: str) -> Callable[[str, dict[str, Any]], None]:
         def on_event(typ: str, obj: dict[str, Any]) -> None:
             try:
+                key = key_of(kind, obj)
                 if typ == "DELETED":
-                    self.store.delete(kind, key_of(kind, obj))
+                    with self._lock:
+                        self._skipped.pop((kind, key), None)
+                    self.store.delete(kind, key)
                     return
                 key, value = convert(kind, obj)
             except SkipObject as e:
                 log.warning("skipping %s", e)
+                with self._lock:
+                    try:
+                        self._skipped[(kind, key_of(kind, obj))] = str(e)
+                    except SkipObject:
+                        pass
                 return
+            with self._lock:
+                self._skipped.pop((kind, key), None)
             self.store.upsert(kind, key, value)
         return on_event
 
@@ -190,6 +211,30 @@ class KubernetesSource:
                         kind, CRD_PLURALS[kind], GROUP)
             self.store.replace(kind, {})
         return on_missing
+
+    @property
+    def problems(self) -> list[str]:
+        """Current problems: objects skipped (and why), and bad custom resources from effective_config()."""
+        with self._lock:
+            return sorted(set(self._skipped.values())) + list(self._crd_problems)
+
+    # ---- custom resources -------------------------------------------------------------------------
+    def effective_config(self, base: AgentConfig) -> tuple[AgentConfig, list[Problem]]:
+        """`base` plus the BGPConfiguration/BGPPeer/IPPool objects now in the Store (fabric.crds).
+
+        Blocking (reads peer password Secrets, records Events): call it from a worker thread when a
+        CRD kind changed. Each bad object is logged and reported once as a Warning Event; the last
+        good version of it stays in effect.
+        """
+        objects = {k: self.store.snapshot(k) for k in CRD_KINDS}
+        cfg, problems = self._crds.effective(base, objects, self.read_secret)
+        for p in problems:
+            log.warning("%s", p)
+            if p.obj:
+                self.report_problem(dict(p.obj), str(p))
+        with self._lock:
+            self._crd_problems = [str(p) for p in problems]
+        return cfg, problems
 
     # ---- secrets and events -----------------------------------------------------------------------
     def read_secret(self, name: str, key: str) -> str:

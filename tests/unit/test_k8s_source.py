@@ -376,3 +376,30 @@ def test_report_problem_creates_one_event(api: FakeApiServer, h: Harness) -> Non
     assert ev["involvedObject"] == {"apiVersion": "bgp-fabric.io/v1", "kind": "BGPPeer", "name": "tor", "uid": "u-1"}
     assert ev["message"] == "BGPPeer/tor: spec.peerIP: not a valid IPv4 address"
     assert ev["source"] == {"component": "bgp-fabric", "host": "n1"}
+
+
+def test_effective_config_reads_secrets_and_reports_bad_objects(api: FakeApiServer, h: Harness) -> None:
+    from fabric.config import parse
+
+    api.secrets[("bgp-fabric", "tor-pw")] = {"data": {"password": "czNjcjN0IQ=="}}
+    api.apply("BGPPeer", {"metadata": {"name": "tor"}, "spec": {
+        "peerIP": "10.0.1.1", "asNumber": 65000, "password": {"secretKeyRef": {"name": "tor-pw", "key": "password"}}}})
+    api.apply("IPPool", pool("good", "10.244.0.0/16"))
+    api.apply("IPPool", {"metadata": {"name": "bad"}, "spec": {"cidr": "10.250.0.0/16", "ipipMode": "Sometimes"}})
+    api.apply("Node", node("noip", None))
+    src = h.started(namespace="bgp-fabric")
+    base = parse({"node": {"name": "n1", "address": "10.0.1.11/24"}, "source": {"kind": "kubernetes"}})
+    cfg, problems = src.effective_config(base)
+    assert [(p.name, p.password) for p in cfg.peers] == [("tor", "s3cr3t!")]
+    assert [str(p.cidr) for p in cfg.pools] == ["10.244.0.0/16"]
+    assert [str(p) for p in problems] == ["IPPool/bad: spec.ipipMode: Input should be 'Always', 'CrossSubnet' or "
+                                          "'Never'"]
+    (ev,) = api.events
+    assert ev["involvedObject"]["kind"] == "IPPool" and ev["involvedObject"]["name"] == "bad"
+    assert ev["involvedObject"]["uid"] == api._objects["IPPool"]["bad"]["metadata"]["uid"]
+    assert src.problems == ["Node/noip: status.addresses: no IPv4 InternalIP", str(problems[0])]
+    src.effective_config(base)
+    assert len(api.events) == 1  # reported once
+    api.apply("Node", node("noip", "10.0.1.40"))  # fixed: no longer a problem
+    wait_until(lambda: h.store.get("Node", "noip") is not None, "fixed node recorded")
+    assert src.problems == [str(problems[0])]
