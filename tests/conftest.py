@@ -30,6 +30,7 @@ def _needs_proxy(config: pytest.Config) -> bool:
     return not _state["capable"]
 
 
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection, so only selected tests go to the lab kernel
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     kernel_items = [i for i in items if i.get_closest_marker("kernel")]
     if not kernel_items or not _needs_proxy(config):
