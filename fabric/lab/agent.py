@@ -7,6 +7,7 @@ The agent runs in the foreground and logs to stderr (captured into the lab's fol
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,10 +22,13 @@ def command(spec: AgentSpec) -> list[str]:
     return [sys.executable, "-m", "fabric.cli", "agent", "-c", str(spec.config)]
 
 
-def start(procs: Processes, node: str, ns: str, spec: AgentSpec, logdir: Path, env: dict[str, str]) -> None:
+def start(procs: Processes, node: str, ns: str, spec: AgentSpec, logdir: Path, env: dict[str, str]) -> bool:
+    """Start the agent; returns whether its runDir is new (then teardown removes it all)."""
+    fresh = not spec.run_dir.exists()
     # A status.json left by an earlier run would report that run's sessions.
     spec.status.unlink(missing_ok=True)
     procs.start(f"{node}/agent", netns.exec_cmd(ns, command(spec)), logdir / f"{node}.agent.log", env)
+    return fresh
 
 
 def read_status(node: str, spec: AgentSpec) -> AgentStatus | None:
@@ -38,5 +42,8 @@ def read_status(node: str, spec: AgentSpec) -> AgentStatus | None:
     return from_agent_status(node, data)
 
 
-def cleanup(spec: AgentSpec) -> None:
-    spec.status.unlink(missing_ok=True)
+def cleanup(spec: AgentSpec, remove_run_dir: bool) -> None:
+    if remove_run_dir:
+        shutil.rmtree(spec.run_dir, ignore_errors=True)
+    else:
+        spec.status.unlink(missing_ok=True)

@@ -23,8 +23,13 @@ def exec_cmd(ns: str, cmd: list[str]) -> list[str]:
 
 
 def add(ns: str) -> None:
+    """Create `ns` with lo up; on failure nothing is left (and an existing `ns` is never touched)."""
     _ip("netns", "add", ns)
-    _ip("-n", ns, "link", "set", "lo", "up")
+    try:
+        _ip("-n", ns, "link", "set", "lo", "up")
+    except NetnsError:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        raise
 
 
 def exists(ns: str) -> bool:

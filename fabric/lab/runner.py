@@ -71,11 +71,18 @@ def _in_lab_kernel(topology: Path, *, keep: bool, timeout: float) -> int:
     if keep:
         cmd.append("--keep")
     print("lab: this kernel lacks ipip/IPVS/dummy; running the lab inside the lab kernel (one boot)", flush=True)
+    # labkernel.run kills the UML kernel (and so the whole lab) on KeyboardInterrupt; make SIGTERM do the same.
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         r = labkernel.run(cmd, timeout=timeout + 120, cwd=str(labkernel.REPO_ROOT), stream=True)
     except labkernel.LabKernelError as e:
         print(f"lab kernel: {e}", file=sys.stderr)
         return EXIT_FAIL
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
     if r.timed_out:
         print(f"lab: the lab kernel run timed out after {timeout + 120:.0f}s and was killed", file=sys.stderr)
     return r.returncode
@@ -132,7 +139,7 @@ class Lab:
         self.procs = Processes()
         self.created_ns: list[str] = []
         self.frr_nodes: list[NodePlan] = []
-        self.agent_nodes: list[NodePlan] = []
+        self.agent_nodes: list[tuple[NodePlan, bool]] = []  # (node, its runDir is ours to remove)
         self.sessions: dict[str, list[Session]] = {}
         self.results: list[CheckResult] = []
         self.t0 = time.monotonic()
@@ -153,7 +160,7 @@ class Lab:
         build_error = None
         try:
             self.build()
-        except (BuildError, netns.NetnsError, frr.FrrError, OSError) as e:
+        except (BuildError, netns.NetnsError, frr.FrrError, OSError, subprocess.TimeoutExpired) as e:
             build_error = str(e)
             self.say(f"build failed: {e}")
         if build_error is None:
@@ -169,7 +176,7 @@ class Lab:
     def build(self) -> None:
         topo = self.plan.topology
         for n in self.plan.nodes:
-            netns.add(n.netns)
+            netns.add(n.netns)  # fails if the name exists: never adopt (and later delete) someone else's
             self.created_ns.append(n.netns)
         self.say(f"namespaces: {len(self.plan.nodes)} created ({topo.name}-{self.plan.run_id}-*)")
         for link in topo.links:
@@ -212,10 +219,10 @@ class Lab:
             self.say(f"frr: configuration loaded on {len(started)} node(s)")
         for n in self.plan.nodes:
             if n.agent is not None:
-                self.agent_nodes.append(n)
-                agent.start(self.procs, n.name, n.netns, n.agent, self.workdir, self.env_for(n))
+                self.agent_nodes.append((n, agent.start(self.procs, n.name, n.netns, n.agent, self.workdir,
+                                                        self.env_for(n))))
         if self.agent_nodes:
-            self.say(f"agent: started on {', '.join(n.name for n in self.agent_nodes)}")
+            self.say(f"agent: started on {', '.join(n.name for n, _ in self.agent_nodes)}")
 
     def dead_daemons(self, n: NodePlan) -> list[str]:
         return [p.label for p in self.procs.dead((f"{n.name}/",)) if "/exec[" not in p.label]
@@ -359,9 +366,9 @@ class Lab:
             netns.delete(ns)
         for n in self.frr_nodes:
             frr.cleanup(n.netns)
-        for n in self.agent_nodes:
+        for n, fresh_run_dir in self.agent_nodes:
             assert n.agent is not None
-            agent.cleanup(n.agent)
+            agent.cleanup(n.agent, remove_run_dir=fresh_run_dir)
         left = [ns for ns in self.created_ns if netns.exists(ns)]
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.say("teardown: done" if not left else f"teardown: could not remove {', '.join(left)}")
@@ -371,6 +378,10 @@ def _make_workdir() -> Path:
     # Inside the lab kernel /tmp is the host's own /tmp (hostfs); /run is the lab kernel's tmpfs.
     base = "/run" if labkernel.in_lab_kernel() else None
     return Path(tempfile.mkdtemp(prefix="fabric-lab-", dir=base))
+
+
+def _raise_keyboard_interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _install_signal_handlers() -> Callable[[], None]:

@@ -131,3 +131,47 @@ def test_sigterm_while_waiting_tears_everything_down(tmp_path: Path) -> None:
     assert proc.returncode == 128 + signal.SIGTERM, text
     assert "interrupted (SIGTERM); tearing down" in text and "teardown: done" in text
     assert_nothing_left(before)
+
+
+def agent_lab(tmp_path: Path) -> Path:
+    """Two bgp-fabric agent nodes on one link (10.0.1.0/24), a Calico-style pod behind each."""
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump({
+        "nodes": [{"name": f"n{i}", "address": f"10.0.1.1{i}", "podCIDRs": [f"10.244.{i}.0/24"]} for i in (1, 2)],
+        "ipPools": [{"metadata": {"name": "default"}, "spec": {"cidr": "10.244.0.0/16", "ipipMode": "CrossSubnet"}}],
+    }))
+    nodes: dict = {}
+    for i, other in ((1, 2), (2, 1)):
+        (tmp_path / f"n{i}").mkdir()
+        (tmp_path / f"n{i}" / "config.yaml").write_text(yaml.safe_dump({
+            "node": {"name": f"n{i}", "address": f"10.0.1.1{i}/24", "podCIDRs": [f"10.244.{i}.0/24"]},
+            "pools": [{"cidr": "10.244.0.0/16", "ipipMode": "CrossSubnet"}],
+            "timers": {"holdTime": 9}, "services": {"enabled": False},
+            "source": {"kind": "file", "path": "../cluster.yaml"}, "paths": {"runDir": "run"}}))
+        nodes[f"n{i}"] = {"image": "bgp-fabric:dev", "binds": [f"n{i}/config.yaml:/etc/bgp-fabric/config.yaml"],
+                          "exec": [f"ip addr add 10.0.1.1{i}/24 dev eth1",
+                                   f"ip route add default via 10.0.1.1{other}",  # proxy ARP needs a route
+                                   "sysctl -w net.ipv4.ip_forward=1",
+                                   "sysctl -w net.ipv4.conf.eth2.proxy_arp=1",
+                                   f"ip route add 10.244.{i}.10/32 dev eth2"]}
+        nodes[f"p{i}"] = {"image": "alpine", "exec": [f"ip addr add 10.244.{i}.10/32 dev eth1",
+                                                       "ip route add 169.254.1.1 dev eth1 scope link",
+                                                       "ip route add default via 169.254.1.1 dev eth1"]}
+    links = [{"endpoints": ["n1:eth1", "n2:eth1"]}, {"endpoints": ["n1:eth2", "p1:eth1"]},
+             {"endpoints": ["n2:eth2", "p2:eth1"]}]
+    (tmp_path / "agents.clab.yml").write_text(yaml.safe_dump({"name": "ag", "topology": {"nodes": nodes,
+                                                                                         "links": links}}))
+    (tmp_path / "agents.checks.yml").write_text(yaml.safe_dump({"pings": [{"from": "p1", "to": "10.244.2.10"}]}))
+    return tmp_path / "agents.clab.yml"
+
+
+def test_agent_nodes_run_report_their_status_and_clean_up(tmp_path: Path) -> None:
+    lab = agent_lab(tmp_path)
+    before = snapshot()
+    out = io.StringIO()
+    rc = runner.run(lab, timeout=120, out=out)
+    text = out.getvalue()
+    assert rc == 0, text
+    assert re.search(r"bgp n1: every session Established +pass +\S+ +1/1 established", text), text
+    assert re.search(r"n2 +10\.0\.1\.11 +n1 +64512 +established", text), text  # from n2's status.json
+    assert not (tmp_path / "n1" / "run").exists() and not (tmp_path / "n2" / "run").exists()
+    assert_nothing_left(before)
