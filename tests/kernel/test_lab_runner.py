@@ -175,3 +175,30 @@ def test_agent_nodes_run_report_their_status_and_clean_up(tmp_path: Path) -> Non
     assert re.search(r"n2 +10\.0\.1\.11 +n1 +64512 +established", text), text  # from n2's status.json
     assert not (tmp_path / "n1" / "run").exists() and not (tmp_path / "n2" / "run").exists()
     assert_nothing_left(before)
+
+
+def test_keep_holds_the_lab_until_ctrl_c_and_keeps_the_verdict(tmp_path: Path) -> None:
+    lab = small_lab(tmp_path, {"pings": [{"from": "h1", "to": "10.9.0.2"}]})
+    before = snapshot()
+    proc = subprocess.Popen([sys.executable, "-m", "fabric.cli", "lab", "run", str(lab), "--keep"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "--keep: lab is up" in line:
+                up = snapshot()["netns"] - before["netns"]
+                assert len(up) == 2 and all(ns.startswith("small-") for ns in up), up
+                proc.send_signal(signal.SIGINT)
+                break
+        rest, _ = proc.communicate(timeout=60)
+        lines.append(rest)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(lines)
+    assert "verdict: PASS" in text and "interrupted (SIGINT); tearing down" in text, text
+    assert proc.returncode == 0, text
+    assert_nothing_left(before)
