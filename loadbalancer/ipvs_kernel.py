@@ -146,33 +146,11 @@ class IPVSWriter:
 
     def run(self, ops: list[Op]) -> list[OpError]:
         """Send all ops in order, in chunks of many per sendmsg; return the ones the kernel refused."""
-        errors: list[OpError] = []
-        i = 0
-        while i < len(ops):
-            buf: list[bytes] = []
-            pending: dict[int, Op] = {}
-            size = 0
-            while i < len(ops) and size < CHUNK_BYTES:
-                self.seq = (self.seq + 1) & 0xFFFFFFFF or 1
-                msg = encode(ops[i], self.family, self.seq)
-                buf.append(msg)
-                pending[self.seq] = ops[i]
-                size += len(msg)
-                i += 1
-            self.sock.sendto(b"".join(buf), (0, 0))
-            while pending:
-                data = self.sock.recv(1 << 20)
-                off = 0
-                while off + 16 <= len(data):
-                    ln, typ, _fl, seq, _pid = struct.unpack_from("=IHHII", data, off)
-                    if typ == NLMSG_ERROR and seq in pending:
-                        (err,) = struct.unpack_from("=i", data, off + 16)
-                        op = pending.pop(seq)
-                        if err:
-                            errors.append(OpError(op, -err))
-                    off += (ln + 3) & ~3 if ln else len(data)
-        return errors
-
+        msgs = []
+        for op in ops:
+            self.seq = (self.seq + 1) & 0xFFFFFFFF or 1
+            msgs.append((encode(op, self.family, self.seq), self.seq, op))
+        return [OpError(op, e) for op, e in pipeline(self.sock, msgs)]
 
     def dump_services(self) -> dict[VSKey, tuple[str, int]]:
         """One IPVS_CMD_GET_SERVICE dump: (proto, addr, port) -> (scheduler, persistence seconds)."""
@@ -226,6 +204,73 @@ def _service_from_attrs(buf: bytes) -> tuple[VSKey, tuple[str, int]] | None:
     flags = struct.unpack_from("=I", a.get(SVC_FLAGS, b"\0" * 8))[0]
     timeout = struct.unpack("=I", a[SVC_TIMEOUT])[0] if SVC_TIMEOUT in a else 0
     return (proto, addr, port), (sched, timeout if flags & SVC_F_PERSISTENT else 0)
+
+
+def pipeline(sock: socket.socket, msgs: list[tuple[bytes, int, object]]) -> list[tuple[object, int]]:
+    """Send netlink requests (bytes, seq, tag) many per sendmsg and collect their acks after each chunk.
+
+    Returns (tag, errno) for every request the kernel refused; the others went through.
+    """
+    errors: list[tuple[object, int]] = []
+    i = 0
+    while i < len(msgs):
+        buf: list[bytes] = []
+        pending: dict[int, object] = {}
+        size = 0
+        while i < len(msgs) and size < CHUNK_BYTES:
+            data, seq, tag = msgs[i]
+            buf.append(data)
+            pending[seq] = tag
+            size += len(data)
+            i += 1
+        sock.sendto(b"".join(buf), (0, 0))
+        while pending:
+            data = sock.recv(1 << 20)
+            off = 0
+            while off + 16 <= len(data):
+                ln, typ, _fl, seq, _pid = struct.unpack_from("=IHHII", data, off)
+                if typ == NLMSG_ERROR and seq in pending:
+                    (err,) = struct.unpack_from("=i", data, off + 16)
+                    tag = pending.pop(seq)
+                    if err:
+                        errors.append((tag, -err))
+                off += (ln + 3) & ~3 if ln else len(data)
+    return errors
+
+
+RTM_NEWADDR, RTM_DELADDR, IFA_ADDRESS, IFA_LOCAL = 20, 21, 1, 2
+
+
+class AddressWriter:
+    """Pipelined RTM_NEWADDR/RTM_DELADDR for /32s on one device (pyroute2 costs a round trip + encode each)."""
+
+    def __init__(self, ns: NetnsThread) -> None:
+        self.sock = ns.call(self._open)
+        self.seq = 0
+
+    @staticmethod
+    def _open() -> socket.socket:
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        s.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        s.bind((0, 0))
+        return s
+
+    def run(self, index: int, add: Iterable[str], delete: Iterable[str]) -> list[tuple[str, str, int]]:
+        """Returns (verb, address, errno) per refusal."""
+        msgs = []
+        for verb, typ, flags, addrs in (("del", RTM_DELADDR, 0, delete),
+                                        ("add", RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, add)):
+            for a in addrs:
+                self.seq = (self.seq + 1) & 0xFFFFFFFF or 1
+                raw = socket.inet_aton(a)
+                body = struct.pack("=BBBBI", socket.AF_INET, 32, 0, 0, index) + _nla(IFA_LOCAL, raw) + _nla(IFA_ADDRESS, raw)
+                hdr = struct.pack("=IHHII", 16 + len(body), typ, NLM_F_REQUEST | NLM_F_ACK | flags, self.seq, 0)
+                msgs.append((hdr + body, self.seq, (verb, a)))
+        return [(tag[0], tag[1], e) for tag, e in pipeline(self.sock, msgs)]  # type: ignore[index]
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,6 +328,7 @@ class KernelAdapter:
         self.ns = NetnsThread(netns)
         self.device = device
         self.ipvs = IPVSWriter(self.ns)
+        self.addrs = AddressWriter(self.ns)
         self._ipr = self.ns.call(self._open_iproute)
 
     @staticmethod
@@ -293,6 +339,7 @@ class KernelAdapter:
 
     def close(self) -> None:
         self.ipvs.close()
+        self.addrs.close()
         self.ns.call(self._ipr.close)
         self.ns.close()
 
@@ -335,22 +382,14 @@ class KernelAdapter:
         return self.ns.call(get)
 
     def address_change(self, add: Iterable[str], delete: Iterable[str]) -> list[tuple[str, str]]:
-        """Add/remove /32s on the device; returns (address, error) for each failure."""
-        def run() -> list[tuple[str, str]]:
-            idx = self._index()
-            errs: list[tuple[str, str]] = []
-            for verb, addrs in (("add", add), ("del", delete)):
-                for a in addrs:
-                    try:
-                        self._ipr.addr(verb, index=idx, address=a, prefixlen=32)
-                    except Exception as e:  # NetlinkError: report it against the address, carry on
-                        code = getattr(e, "code", None)
-                        if (verb, code) in (("add", errno.EEXIST), ("del", errno.EADDRNOTAVAIL)):
-                            continue
-                        errs.append((a, f"{verb} address {a}/32 on {self.device}: {e}"))
-            return errs
-
-        return self.ns.call(run)
+        """Add/remove /32s on the device (pipelined); returns (address, error) for each failure."""
+        idx = self.ns.call(self._index)
+        errs: list[tuple[str, str]] = []
+        for verb, a, e in self.addrs.run(idx, add, delete):
+            if (verb, e) in (("add", errno.EEXIST), ("del", errno.EADDRNOTAVAIL)):
+                continue  # already as wanted
+            errs.append((a, f"{verb} address {a}/32 on {self.device}: {os.strerror(e)}"))
+        return errs
 
     # nftables, conntrack, sysctls ------------------------------------------------------------------
 
