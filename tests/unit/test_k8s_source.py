@@ -130,7 +130,10 @@ def test_watch_events_update_the_store(api: FakeApiServer, h: Harness) -> None:
     api.apply("Service", service("web", "10.96.0.11"))
     api.delete("EndpointSlice", "web-abc", "default")
     api.apply("BGPPeer", {"metadata": {"name": "tor2"}, "spec": {"peerIP": "10.0.1.2", "asNumber": 65000}})
-    wait_until(lambda: h.store.get("BGPPeer", "tor2") is not None, "last event applied")
+    # One watch per kind, each on its own thread: wait for every kind's event.
+    wait_until(lambda: h.store.get("BGPPeer", "tor2") is not None and h.store.get("Node", "n3") is not None
+               and h.store.get("EndpointSlice", "default/web-abc") is None
+               and h.store.get("Service", "default/web")["spec"]["clusterIP"] == "10.96.0.11", "events applied")
     ch = h.store.take()
     assert ch.of("Node") == {"n3"} and ch.of("Service") == {"default/web"}
     assert ch.of("EndpointSlice") == {"default/web-abc"} and ch.of("BGPPeer") == {"tor2"}
@@ -140,9 +143,9 @@ def test_watch_events_update_the_store(api: FakeApiServer, h: Harness) -> None:
     obj = service("web", "10.96.0.11")
     obj["metadata"]["managedFields"] = [{"manager": "kubectl", "operation": "Update"}]
     api.apply("Service", obj)
-    api.apply("Node", node("n4", "10.0.1.14"))
-    wait_until(lambda: h.store.get("Node", "n4") is not None, "marker event")
-    assert h.store.take().keys == {"Node": {"n4"}}
+    api.apply("Service", service("marker", "10.96.0.99"))  # same watch stream: seen after the one above
+    wait_until(lambda: h.store.get("Service", "default/marker") is not None, "marker event")
+    assert h.store.take().keys == {"Service": {"default/marker"}}
 
 
 def test_broken_watch_changes_nothing_then_resumes(api: FakeApiServer, h: Harness) -> None:
