@@ -220,7 +220,9 @@ def test_bookmarks_advance_resource_version(api: FakeApiServer, h: Harness) -> N
     rv = api.bookmark("Node")
     assert str(rv) != before
     wait_until(lambda: src.reflectors["Node"].resource_version == str(rv), "bookmark seen")
-    assert all(r["query"].get("allowWatchBookmarks") == "true" for r in api.requests_for("Node", watch=True))
+    for kind in KINDS:
+        watches = api.requests_for(kind, watch=True)
+        assert watches and all(r["query"].get("allowWatchBookmarks") == "true" for r in watches), kind
     # After a compaction at the bookmark's version, resuming from it needs no relist.
     api.compact()
     lists = src.reflectors["Node"].lists
@@ -406,3 +408,38 @@ def test_effective_config_reads_secrets_and_reports_bad_objects(api: FakeApiServ
     api.apply("Node", node("noip", "10.0.1.40"))  # fixed: no longer a problem
     wait_until(lambda: h.store.get("Node", "noip") is not None, "fixed node recorded")
     assert src.problems == [str(problems[0])]
+
+
+def test_client_from_kubeconfig_and_clear_errors(api: FakeApiServer, tmp_path: Any,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from fabric.sources.kubernetes import SourceError, default_api_client, node_name
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(f"""
+apiVersion: v1
+kind: Config
+clusters: [{{name: fake, cluster: {{server: "{api.url}"}}}}]
+users: [{{name: agent, user: {{token: not-a-real-token}}}}]
+contexts: [{{name: fake, context: {{cluster: fake, user: agent}}}}]
+current-context: fake
+""")
+    api.apply("Node", node("n1", "10.0.1.11", "10.244.1.0/24"))
+    store = Store()
+    src = KubernetesSource(store, KubernetesSourceConfig(kubeconfig=str(kubeconfig)))
+    assert src.api_client.configuration.retries is False
+    src.start()
+    try:
+        wait_until(src.synced, "synced through the kubeconfig")
+        assert "n1" in store.snapshot("Node")
+    finally:
+        src.stop()
+    with pytest.raises(SourceError, match=r"^source.kubeconfig: cannot load kubeconfig /nonexistent"):
+        default_api_client(KubernetesSourceConfig(kubeconfig="/nonexistent"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(SourceError, match="^source.kubeconfig: cannot load in-cluster service account"):
+        default_api_client(KubernetesSourceConfig())
+    monkeypatch.setenv("MY_NODE", "node-a1")
+    assert node_name(KubernetesSourceConfig(nodeNameEnv="MY_NODE")) == "node-a1"
+    monkeypatch.delenv("MY_NODE")
+    with pytest.raises(SourceError, match="environment variable MY_NODE is not set"):
+        node_name(KubernetesSourceConfig(nodeNameEnv="MY_NODE"))
