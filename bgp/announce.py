@@ -43,8 +43,9 @@ def _targets(a: Announcement, names: frozenset[str]) -> frozenset[str]:
     return names if a.neighbors is None else a.neighbors & names
 
 
-def _selector(targets: frozenset[str], addresses: Mapping[str, IPv4Address]) -> str:
-    if targets == frozenset(addresses):
+def _selector(targets: frozenset[str], all_names: frozenset[str] | None, addresses: Mapping[str, IPv4Address]
+              ) -> str:
+    if targets == all_names:
         return ""
     addrs = sorted(addresses[t] for t in targets)
     return " , ".join(f"neighbor {a}" for a in addrs) + " "
@@ -69,6 +70,7 @@ def diff_commands(old: Mapping[IPv4Network, Announcement], new: Mapping[IPv4Netw
     replay the whole set to one neighbor that just came up: diff_commands({}, desired, ..., only={X})).
     """
     names = frozenset(addresses) if only is None else frozenset(addresses) & only
+    all_names = frozenset(addresses) if only is None else None  # a replay always names its neighbors
     withdraw: dict[tuple[str, str], list[IPv4Network]] = {}
     announce: dict[tuple[str, str], list[IPv4Network]] = {}
     for prefix in old.keys() | new.keys():
@@ -77,10 +79,10 @@ def diff_commands(old: Mapping[IPv4Network, Announcement], new: Mapping[IPv4Netw
         t_new = _targets(a_new, names) if a_new else frozenset()
         gone = t_old - t_new
         if gone:
-            withdraw.setdefault((_selector(gone, addresses), ""), []).append(prefix)
+            withdraw.setdefault((_selector(gone, all_names, addresses), ""), []).append(prefix)
         if a_new is None or not t_new:
             continue
         send = t_new if (a_old is None or a_old.attributes() != a_new.attributes()) else t_new - t_old
         if send:
-            announce.setdefault((_selector(send, addresses), a_new.attributes()), []).append(prefix)
+            announce.setdefault((_selector(send, all_names, addresses), a_new.attributes()), []).append(prefix)
     return _emit(withdraw, "withdraw") + _emit(announce, "announce")

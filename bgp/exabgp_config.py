@@ -171,6 +171,7 @@ def environment(run_dir: Path, log_level: str = "INFO") -> dict[str, str]:
         "exabgp_log_timers": "false",
         "exabgp_log_routes": "false",
         "exabgp_log_network": "true",
+        "exabgp_log_statistics": "false",  # a line per keepalive: the log would grow without bound
         "exabgp_log_reactor": "true",
         "exabgp_log_processes": "true",
         "exabgp_log_configuration": "true",

@@ -61,25 +61,25 @@ class SessionTracker:
             s.state, s.since, s.notified, s.open_gr_time = "idle", now, False, None
             s.received.clear()
 
-    def _session(self, addr: IPv4Address, now: float) -> Session:
-        s = self.sessions.get(addr)
-        if s is None:  # not (or no longer) configured: still report it under its address
-            s = self.sessions[addr] = Session(str(addr), addr, since=now)
-        return s
-
     def feed(self, msg: Message, now: float) -> list[BgpEvent]:
+        """Events for one message. Messages about unconfigured addresses (a neighbor just removed, whose
+        `down` ExaBGP reports after we already said PeerDown) are ignored."""
+        addr = getattr(msg, "peer_address", None)
+        if addr is None or addr not in self.sessions:
+            return []
+        return self._feed(msg, self.sessions[addr], now)
+
+    def _feed(self, msg: Message, s: Session, now: float) -> list[BgpEvent]:
         if isinstance(msg, OpenMsg):
-            self._session(msg.peer_address, now).open_gr_time = msg.gr_time
+            s.open_gr_time = msg.gr_time
             return []
         if isinstance(msg, NotificationMsg):
-            s = self._session(msg.peer_address, now)
             s.notified = True
             s.last_error = f"notification received ({msg.code},{msg.subcode}) {msg.message}".strip()
             return []
         if isinstance(msg, StateMsg):
-            return self._state(msg, now)
+            return self._state(msg, s, now)
         if isinstance(msg, UpdateMsg):
-            s = self._session(msg.peer_address, now)
             if s.state != "established":
                 return []
             if msg.eor:
@@ -94,8 +94,7 @@ class SessionTracker:
             return events
         return []
 
-    def _state(self, msg: StateMsg, now: float) -> list[BgpEvent]:
-        s = self._session(msg.peer_address, now)
+    def _state(self, msg: StateMsg, s: Session, now: float) -> list[BgpEvent]:
         if msg.state == "up":
             if s.state == "established":
                 return []

@@ -78,6 +78,8 @@ class Speaker:
         self.relay_connections = 0
         self._relay_connected = asyncio.Event()
         self._relay_tasks: set[asyncio.Task[None]] = set()
+        self._ready = False  # this ExaBGP's relay has connected (so its signal handlers are installed)
+        self._reload_pending = False
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -144,6 +146,7 @@ class Speaker:
         finally:
             logf.close()
         self.starts += 1
+        self._ready = False
         self._started_at = time.monotonic()
         log.info("exabgp started (pid %s)", self._proc.pid)
 
@@ -178,6 +181,9 @@ class Speaker:
             self._writer.close()
         self._writer = writer
         self.relay_connections += 1
+        self._ready = True
+        if self._reload_pending:
+            self._reload()
         self._pending_acks = 0
         self._relay_connected.set()
         # Everything we want announced (identical routes cause no UPDATE). End-of-RIB goes to the sessions
@@ -273,11 +279,22 @@ class Speaker:
         events = self._tracker.set_neighbors({n.peer_address: n.name for n in neighbors}, time.time())
         if self._proc is not None:
             self._write_config()
-            if self._proc.returncode is None:
-                self._proc.send_signal(signal.SIGUSR1)  # reload: unchanged neighbors keep their sessions
+            self._reload()
         # Routes for removed neighbors: ExaBGP drops the peer and its RIB with it, nothing to withdraw.
         del old_addresses
         self._emit(events)
+
+    def _reload(self) -> None:
+        """SIGUSR1 = reload (unchanged neighbors keep their sessions). Until ExaBGP has installed its
+        signal handlers SIGUSR1 would kill it; its relay connecting proves they are in place, so
+        before that the reload waits for the connection (ExaBGP may well read the new file anyway)."""
+        if self._proc is None or self._proc.returncode is not None:
+            return  # the respawn reads the new file
+        if not self._ready:
+            self._reload_pending = True
+            return
+        self._reload_pending = False
+        self._proc.send_signal(signal.SIGUSR1)
 
     async def set_announcements(self, desired: dict[IPv4Network, Announcement]) -> None:
         """Announce `desired` (replacing what was announced): only the difference is sent."""

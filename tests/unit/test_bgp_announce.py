@@ -69,3 +69,11 @@ def test_chunks(monkeypatch: object) -> None:
     cmds = diff_commands({}, new, ADDRS)
     assert len(cmds) == 3 and [c.count("/24") for c in cmds] == [announce.CHUNK, announce.CHUNK, 200]
     assert diff_commands(new, {}, ADDRS)[0].startswith("withdraw attributes nlri 10.0.0.0/24 10.0.1.0/24")
+
+
+def test_replay_names_the_neighbor_even_when_it_is_the_only_one() -> None:
+    one = {"b": A("10.0.0.2")}
+    assert diff_commands({}, table(ann("10.244.1.0/24")), one, only=frozenset({"b"})) == [
+        "neighbor 10.0.0.2 announce attributes next-hop self nlri 10.244.1.0/24"]
+    assert diff_commands({}, table(ann("10.244.1.0/24")), one) == [
+        "announce attributes next-hop self nlri 10.244.1.0/24"]

@@ -119,3 +119,15 @@ def test_removed_neighbor_goes_down_hard_and_status_counts() -> None:
     st = t.status()["b"]
     assert st["state"] == "established" and st["received"] == 2 and st["since"] == 1.0
     assert t.set_neighbors({}, 3.0) == [PeerDown("b", A("10.0.0.2"), "removed from configuration", False)]
+
+
+def test_messages_for_unconfigured_addresses_are_ignored() -> None:
+    t = SessionTracker()
+    t.set_neighbors({A("10.0.0.2"): "b"}, 0.0)
+    assert t.feed(StateMsg(A("10.0.0.9"), None, "up", ""), 1.0) == []
+    assert set(t.status()) == {"b"}
+    t.feed(StateMsg(A("10.0.0.2"), None, "up", ""), 1.0)
+    t.set_neighbors({}, 2.0)
+    # ExaBGP reports the removed neighbor's `down` after we already said PeerDown: nothing more
+    assert t.feed(StateMsg(A("10.0.0.2"), None, "down", "closing connection"), 3.0) == []
+    assert t.status() == {}

@@ -1,0 +1,161 @@
+"""The Speaker's supervision and command flow, with a stand-in ExaBGP (no root, no kernel needed).
+
+The stand-in reads the generated config, runs the real relay helper from its `run` line, writes the
+JSON lines of `inject.jsonl` (from the run dir) to it, answers every command with `done` (or `error`
+for a `neighbor` selector it doesn't know) and records commands and SIGUSR1 reloads in `commands.log`.
+The real ExaBGP is exercised by tests/kernel/test_bgp_*.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from ipaddress import IPv4Address as A
+from ipaddress import IPv4Network as N
+from pathlib import Path
+
+import pytest
+
+from bgp.announce import Announcement
+from bgp.events import BgpEvent, PeerUp, RoutesAnnounced, SpeakerRestarted
+from bgp.exabgp_config import Neighbor, NeighborError
+from bgp.speaker import Speaker
+
+FAKE = r'''
+import os, re, signal, subprocess, sys, threading, shlex
+conf = sys.argv[1]
+here = os.path.dirname(conf)
+log = open(os.path.join(here, "commands.log"), "a", buffering=1)
+def reload(*_):
+    log.write("RELOAD\n")
+signal.signal(signal.SIGUSR1, reload)
+text = open(conf).read()
+run = re.search(r"^\s*run (.*);$", text, re.M).group(1)
+known = set(re.findall(r"^neighbor (\S+) \{", text, re.M))
+relay = subprocess.Popen(shlex.split(run), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+lock = threading.Lock()
+def send(line):
+    with lock:
+        relay.stdin.write(line + "\n"); relay.stdin.flush()
+inject = os.path.join(here, "inject.jsonl")
+if os.path.exists(inject):
+    for line in open(inject):
+        send(line.rstrip("\n"))
+for cmd in relay.stdout:
+    cmd = cmd.rstrip("\n")
+    log.write(cmd + "\n")
+    m = re.match(r"neighbor (\S+) ", cmd)
+    send("error" if m and m.group(1) not in known else "done")
+'''
+
+STATE = ('{"exabgp": "5.0.0", "type": "state", "neighbor": {"address": {"local": "10.0.0.1", "peer": "%s"}, '
+         '"asn": {"local": 64512, "peer": 64512}, "state": "%s"}}')
+OPEN = ('{"exabgp": "5.0.0", "type": "open", "neighbor": {"address": {"local": "10.0.0.1", "peer": "%s"}, '
+        '"direction": "receive", "open": {"version": 4, "asn": 64512, "hold_time": 9, "router_id": "%s", '
+        '"capabilities": {"64": {"name": "graceful restart", "time": 77}}}}}')
+UPDATE = ('{"exabgp": "5.0.0", "type": "update", "neighbor": {"address": {"local": "10.0.0.1", "peer": "%s"}, '
+          '"direction": "receive", "message": {"update": {"announce": {"ipv4 unicast": {"%s": [{"nlri": "%s"}]}}}}}}')
+
+
+def nb(name: str, peer: str) -> Neighbor:
+    return Neighbor(name, A(peer), 64512, 64512, A("10.0.0.1"), A("10.0.0.1"), 9)
+
+
+def ann(p: str) -> Announcement:
+    return Announcement(N(p), "self")
+
+
+async def until(what: str, fn, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = fn()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached in {timeout}s (last: {v!r})")
+        await asyncio.sleep(0.05)
+
+
+def commands(run_dir: Path) -> list[str]:
+    p = run_dir / "commands.log"
+    return p.read_text().splitlines() if p.exists() else []
+
+
+@pytest.fixture
+def fake_exabgp(tmp_path: Path) -> str:
+    script = tmp_path / "fake-exabgp"
+    script.write_text(f"#!{sys.executable}\n{FAKE}")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_speaker_flow(tmp_path: Path, fake_exabgp: str) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "inject.jsonl").write_text("\n".join([
+        OPEN % ("10.0.0.2", "10.0.0.2"), STATE % ("10.0.0.2", "up"),
+        UPDATE % ("10.0.0.2", "10.0.0.2", "10.244.2.0/24"), "garbage that is not json",
+    ]) + "\n")
+    events: list[BgpEvent] = []
+
+    async def main() -> None:
+        sp = Speaker(run_dir, events.append, exabgp=fake_exabgp)
+        await sp.set_neighbors([nb("b", "10.0.0.2")])
+        await sp.set_announcements({N("10.244.1.0/24"): ann("10.244.1.0/24")})
+        await sp.start()
+        try:
+            # the relay's first lines reach us (kept by the relay until it connected)
+            await until("PeerUp", lambda: PeerUp("b", A("10.0.0.2"), 77) in events)
+            await until("routes", lambda: RoutesAnnounced("b", A("10.0.0.2"), (N("10.244.2.0/24"),)) in events)
+            # on connect: the whole set; on PeerUp: the set for b, then b's End-of-RIB
+            await until("eor", lambda: "neighbor 10.0.0.2 announce eor ipv4 unicast" in commands(run_dir))
+            cmds = commands(run_dir)
+            assert cmds[0] == "announce attributes next-hop self nlri 10.244.1.0/24"
+            assert cmds.index("neighbor 10.0.0.2 announce attributes next-hop self nlri 10.244.1.0/24") < \
+                cmds.index("neighbor 10.0.0.2 announce eor ipv4 unicast")
+
+            # a diff sends only the change
+            n = len(commands(run_dir))
+            await sp.set_announcements({N("10.244.1.0/24"): ann("10.244.1.0/24"),
+                                        N("10.244.3.0/24"): ann("10.244.3.0/24")})
+            await until("diff", lambda: len(commands(run_dir)) > n)
+            assert commands(run_dir)[n:] == ["announce attributes next-hop self nlri 10.244.3.0/24"]
+
+            # neighbor change: config rewritten, ExaBGP reloaded (SIGUSR1), not restarted
+            await sp.set_neighbors([nb("b", "10.0.0.2"), nb("c", "10.0.0.3")])
+            await until("reload", lambda: "RELOAD" in commands(run_dir))
+            assert "neighbor 10.0.0.3 {" in (run_dir / "exabgp.conf").read_text()
+            assert sp.status()["exabgp_starts"] == 1
+            with pytest.raises(NeighborError, match="graceful_restart_time"):
+                await sp.set_neighbors([Neighbor("x", A("10.0.0.4"), 1, 1, A("10.0.0.1"), A("10.0.0.1"), 9,
+                                                 graceful_restart_time=9999)])
+
+            # an `error` ack is logged and kept for status, never raised
+            # (the stand-in knows only the neighbors of the config it started with: c is unknown to it)
+            await sp.set_announcements({N("10.244.3.0/24"): ann("10.244.3.0/24"),
+                                        N("10.244.4.0/24"): Announcement(N("10.244.4.0/24"), "self",
+                                                                         neighbors=frozenset({"c"}))})
+            await until("error ack", lambda: sp.status()["recent_errors"])
+
+            # ExaBGP dies: SpeakerRestarted, respawn, and the full desired set again on the new relay
+            n = len(commands(run_dir))
+            pid = sp.status()["exabgp_pid"]
+            assert isinstance(pid, int)
+            os.kill(pid, signal.SIGKILL)
+            await until("restarted", lambda: SpeakerRestarted() in events)
+            await until("respawned", lambda: sp.status()["exabgp_starts"] == 2 and sp.status()["relay_connected"])
+            await until("replayed", lambda: {"announce attributes next-hop self nlri 10.244.3.0/24",
+                                             "neighbor 10.0.0.3 announce attributes next-hop self nlri 10.244.4.0/24"}
+                        <= set(commands(run_dir)[n:]))
+            st = sp.status()
+            assert st["neighbors"]["b"]["state"] == "established"  # the injected `up` again, after the restart
+            assert st["neighbors"]["c"]["state"] == "idle"
+        finally:
+            await sp.stop()
+        assert not (run_dir / "relay.sock").exists()
+        assert sp.status()["exabgp_pid"] is None
+
+    asyncio.run(main())
