@@ -206,10 +206,12 @@ class KubernetesSource:
 
     def _missing(self, kind: str) -> Callable[[], None]:
         def on_missing() -> None:
-            # The CRD is not installed: there are no such objects (not an outage), so this kind is synced.
-            log.warning("%s: %s.%s is not served (CRD not installed?); treating as empty",
-                        kind, CRD_PLURALS[kind], GROUP)
-            self.store.replace(kind, {})
+            # 404: the CRD is not installed, so there are none of these objects and the kind counts as
+            # synced. Objects already recorded stay: right after an API server restart, custom
+            # resource paths can answer 404 for a moment, and that must not delete peers or pools.
+            log.warning("%s: %s.%s is not served (CRD not installed?); keeping %d recorded object(s)",
+                        kind, CRD_PLURALS[kind], GROUP, len(self.store.snapshot(kind)))
+            self.store.mark_synced(kind)
         return on_missing
 
     @property

@@ -274,6 +274,13 @@ def test_missing_crd_counts_as_empty(api: FakeApiServer, h: Harness) -> None:
     assert h.store.snapshot("BGPPeer") == {}
     api.set_missing("BGPPeer", False)
     wait_until(lambda: h.store.get("BGPPeer", "tor") is not None, "CRD installed later")
+    h.store.take()
+    # A 404 later (API server restarting, CRD handlers not ready yet) deletes nothing.
+    failures = src.reflectors["BGPPeer"].failures
+    api.set_missing("BGPPeer")
+    api.drop_watches()
+    wait_until(lambda: src.reflectors["BGPPeer"].failures >= failures + 3, "404s seen")
+    assert h.store.get("BGPPeer", "tor") is not None and not h.store.take().of("BGPPeer")
 
 
 def test_bad_node_is_skipped_and_last_good_kept(api: FakeApiServer, h: Harness,
