@@ -88,6 +88,7 @@ class Reflector:
         self.resource_version: str | None = None  # where the next watch starts (None: relist first)
         self.failures = 0  # errors retried so far (for status and tests)
         self.lists = 0  # completed lists
+        self._gone_in_a_row = 0
 
     # ---- stopping ---------------------------------------------------------------------------------
     def _track(self, resp: Any) -> None:
@@ -129,6 +130,9 @@ class Reflector:
             except Gone as e:
                 log.info("%s: %s; relisting", self.kind, e)
                 self.resource_version = None
+                self._gone_in_a_row += 1
+                if self._gone_in_a_row > 1:  # 410 again right after a relist: don't hammer the server
+                    self._retry("410 Gone again")
             except ApiException as e:
                 if e.status == 404 and self._on_missing is not None:
                     self._on_missing()
@@ -212,3 +216,4 @@ class Reflector:
             return
         if rv:
             self.resource_version = str(rv)
+        self._gone_in_a_row = 0  # the watch works: the next 410 relists at once

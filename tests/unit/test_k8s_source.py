@@ -450,3 +450,17 @@ current-context: fake
     monkeypatch.delenv("MY_NODE")
     with pytest.raises(SourceError, match="environment variable MY_NODE is not set"):
         node_name(KubernetesSourceConfig(nodeNameEnv="MY_NODE"))
+
+
+def test_backoff_is_exponential_with_jitter_and_capped() -> None:
+    import random
+
+    from fabric.sources.k8s_watch import Backoff
+
+    b = Backoff(0.5, 8.0, rng=random.Random(7))
+    delays = [b.next() for _ in range(8)]
+    ceilings = [0.5, 1, 2, 4, 8, 8, 8, 8]
+    assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings)), delays
+    assert len({round(d, 6) for d in delays[4:]}) > 1  # jittered, not a fixed 8 s
+    b.reset()
+    assert 0.25 <= b.next() <= 0.5
