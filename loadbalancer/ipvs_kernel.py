@@ -421,13 +421,12 @@ class KernelAdapter:
         return self.ns.call(lambda: subprocess.run(["nft", "list", "table", "inet", "bgp-fabric"],
                                                    capture_output=True, text=True).stdout)
 
-    def conntrack_flush_udp(self, entries: Iterable[tuple[str, int, str]]) -> list[str]:
+    def conntrack_flush_udp(self, entries: list[tuple[str, int, str]]) -> list[str]:
         """Delete UDP conntrack entries VIP:port -> endpoint, so clients stop sending to a gone backend."""
         def run() -> list[str]:
             errs = []
-            for vip, port, ep in entries:
-                r = subprocess.run(["conntrack", "-D", "-p", "udp", "--orig-dst", vip, "--orig-port-dst", str(port),
-                                    "--dst-nat", ep], capture_output=True, text=True)
+            for cmd, (vip, port, ep) in zip(flush_udp_commands(entries), entries):
+                r = subprocess.run(cmd, capture_output=True, text=True)
                 # exit 1 with "0 flow entries" just means there was nothing to delete
                 if r.returncode not in (0, 1):
                     errs.append(f"conntrack -D udp {vip}:{port} -> {ep}: {r.stderr.strip()}")
@@ -452,6 +451,12 @@ class KernelAdapter:
     def call(self, fn, *args):
         """Run fn on the namespace thread (sockets it opens live in the namespace)."""
         return self.ns.call(fn, *args)
+
+
+def flush_udp_commands(entries: Iterable[tuple[str, int, str]]) -> list[list[str]]:
+    """conntrack(8) commands deleting UDP flows VIP:port that were NAT'ed to an endpoint (as kube-proxy)."""
+    return [["conntrack", "-D", "-p", "udp", "--orig-dst", vip, "--orig-port-dst", str(port), "--dst-nat", ep]
+            for vip, port, ep in entries]
 
 
 def kernel_at_least(release: str, major: int, minor: int) -> bool:

@@ -17,6 +17,7 @@ import sys
 
 import pytest
 
+from loadbalancer.ipvs_kernel import flush_udp_commands
 from loadbalancer.model import build_service
 from loadbalancer.nft import render_delta, render_full
 from loadbalancer.types import NodeContext
@@ -40,6 +41,7 @@ SIM = f"""table ip ipvs-sim {{
     ip daddr 10.96.0.11 tcp dport 80 dnat to {PODS['pod1']}:8080
     ip daddr {NODE_IP} tcp dport 30080 dnat to {PODS['pod2']}:8080
     ip daddr {NODE_IP} tcp dport 30081 dnat to {PODS['pod3']}:8080
+    ip daddr 10.96.0.12 udp dport 53 dnat to numgen inc mod 2 map {{ 0 : {PODS['pod2']}, 1 : {PODS['pod3']} }} : 5353
   }}
 }}
 """
@@ -97,6 +99,14 @@ def test_masquerade_hairpin_local_and_source_ranges() -> None:
         allow = ("lballow", (LB_IP, "TCP", 8080, "192.168.100.0/24"))
         assert nft(render_delta({allow}, set())).returncode == 0
         assert lab.request("ext", "tcp", LB_IP, 8080) == [f"node {EXT_IP}"]
+
+        # removed UDP endpoint: our conntrack command deletes exactly its flows
+        assert {g.split()[0] for g in lab.request("client", "udp", "10.96.0.12", 53, 4)} == {"pod2", "pod3"}
+        ct = lambda: lab.ex("node", "conntrack", "-L", "-p", "udp", "--orig-dst", "10.96.0.12", check=False).stdout
+        assert f"src={PODS['pod2']}" in ct() and f"src={PODS['pod3']}" in ct()
+        for cmd in flush_udp_commands([("10.96.0.12", 53, PODS["pod2"])]):
+            lab.ex("node", *cmd)
+        assert f"src={PODS['pod2']}" not in ct() and f"src={PODS['pod3']}" in ct()
 
         # the rules are what makes it work: without the hairpin element the pod can't reach itself
         hp = ("hairpin", (PODS["pod1"], "TCP", 8080, PODS["pod1"]))
