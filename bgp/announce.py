@@ -75,6 +75,8 @@ def diff_commands(old: Mapping[IPv4Network, Announcement], new: Mapping[IPv4Netw
     announce: dict[tuple[str, str], list[IPv4Network]] = {}
     for prefix in old.keys() | new.keys():
         a_old, a_new = old.get(prefix), new.get(prefix)
+        if a_old == a_new:  # the common case on a periodic sync: nothing to say
+            continue
         t_old = _targets(a_old, names) if a_old else frozenset()
         t_new = _targets(a_new, names) if a_new else frozenset()
         gone = t_old - t_new

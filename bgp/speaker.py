@@ -42,6 +42,11 @@ BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0  # a child that ran this long resets the backoff
 LINE_LIMIT = 64 * 1024 * 1024  # one UPDATE's JSON can be large
+LOG_ROTATE_BYTES = 16 * 1024 * 1024
+
+
+class SpeakerError(RuntimeError):
+    """The speaker can't run at all (missing ExaBGP, unusable run dir); the message names the setting."""
 
 
 def _die_with_parent() -> None:
@@ -84,7 +89,13 @@ class Speaker:
     # ----- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        """Open the relay socket and start ExaBGP. Raises SpeakerError when it can't be started at all."""
+        if not (os.path.isfile(self.exabgp) and os.access(self.exabgp, os.X_OK)):
+            raise SpeakerError(f"paths.exabgp: {self.exabgp!r} is not an executable file")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SpeakerError(f"paths.runDir: cannot create {self.run_dir}: {e.strerror or e}") from None
         self.socket_path.unlink(missing_ok=True)
         self._server = await asyncio.start_unix_server(self._on_relay, path=str(self.socket_path), limit=LINE_LIMIT)
         os.chmod(self.socket_path, 0o600)
@@ -138,6 +149,11 @@ class Speaker:
         tmp.replace(self.config_path)  # atomic: a reload never reads half a file
 
     async def _spawn(self) -> None:
+        try:  # keep one old log: ExaBGP's log would otherwise grow for the life of the node
+            if self.log_path.stat().st_size > LOG_ROTATE_BYTES:
+                self.log_path.replace(self.log_path.with_suffix(".log.1"))
+        except FileNotFoundError:
+            pass
         logf = open(self.log_path, "ab")
         try:
             self._proc = await asyncio.create_subprocess_exec(
@@ -153,7 +169,15 @@ class Speaker:
     async def _supervise(self) -> None:
         delay = BACKOFF_START
         while not self._stopping:
-            assert self._proc is not None
+            if self._proc is None:  # the last spawn failed
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                try:
+                    await self._spawn()
+                except OSError as e:
+                    log.error("cannot start exabgp: %s", e)
+                    self.errors.append(f"cannot start exabgp: {e}")
+                    continue
             rc = await self._proc.wait()
             if self._stopping:
                 return
@@ -169,7 +193,13 @@ class Speaker:
             delay = min(delay * 2, BACKOFF_MAX)
             if self._stopping:
                 return
-            await self._spawn()
+            try:
+                await self._spawn()
+            except OSError as e:  # e.g. the executable vanished during an upgrade: keep trying
+                log.error("cannot start exabgp: %s", e)
+                self.errors.append(f"cannot start exabgp: {e}")
+                self._proc = None
+                continue
 
     # ----- the relay connection -----------------------------------------------------------------
 

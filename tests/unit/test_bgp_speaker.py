@@ -159,3 +159,14 @@ def test_speaker_flow(tmp_path: Path, fake_exabgp: str) -> None:
         assert sp.status()["exabgp_pid"] is None
 
     asyncio.run(main())
+
+
+def test_missing_exabgp_is_a_clear_error(tmp_path: Path) -> None:
+    from bgp.speaker import SpeakerError
+
+    async def main() -> None:
+        sp = Speaker(tmp_path / "run", lambda ev: None, exabgp=str(tmp_path / "no-such-exabgp"))
+        with pytest.raises(SpeakerError, match="paths.exabgp: .*no-such-exabgp.* is not an executable file"):
+            await sp.start()
+
+    asyncio.run(main())
