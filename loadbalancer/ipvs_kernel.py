@@ -112,6 +112,10 @@ def encode(op: Op, family: int, seq: int) -> bytes:
     return struct.pack("=IHHII", 16 + len(body), family, flags, seq, 0) + body
 
 
+class KernelUnavailable(RuntimeError):
+    """This kernel (or namespace) can't do what the proxy needs; the message says what is missing."""
+
+
 @dataclass(frozen=True)
 class OpError:
     op: Op
@@ -133,8 +137,12 @@ class IPVSWriter:
     def _open() -> tuple[int, socket.socket]:
         from pyroute2 import IPVS
 
-        with IPVS() as ipvs:  # resolves the "IPVS" generic netlink family in this namespace
-            family = ipvs.prid
+        try:
+            with IPVS() as ipvs:  # resolves the "IPVS" generic netlink family in this namespace
+                family = ipvs.prid
+        except Exception as e:  # NetlinkError ENOENT when the family is not registered
+            raise KernelUnavailable(f"IPVS is not available in this kernel (generic netlink family 'IPVS': {e}); "
+                                    "load the ip_vs module") from None
         s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
         s.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)  # acks carry only the header, not our request
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
@@ -327,7 +335,11 @@ class KernelAdapter:
     def __init__(self, netns: str | None, device: str) -> None:
         self.ns = NetnsThread(netns)
         self.device = device
-        self.ipvs = IPVSWriter(self.ns)
+        try:
+            self.ipvs = IPVSWriter(self.ns)
+        except BaseException:
+            self.ns.close()
+            raise
         self.addrs = AddressWriter(self.ns)
         self._ipr = self.ns.call(self._open_iproute)
 

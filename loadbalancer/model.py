@@ -150,7 +150,7 @@ def _policy(spec: dict[str, Any], field: str) -> str:
     return v
 
 
-def _endpoints_by_port(slices: list[dict[str, Any]], key: str) -> dict[tuple[str, str], dict[tuple[str, int], Endpoint]]:
+def _endpoints_by_port(slices: list[dict[str, Any]]) -> dict[tuple[str, str], dict[tuple[str, int], Endpoint]]:
     """(port name, proto) -> {(ip, port): Endpoint} over all IPv4 slices; a bad slice entry is skipped."""
     out: dict[tuple[str, str], dict[tuple[str, int], Endpoint]] = {}
     for sl in sorted(slices, key=lambda s: str((s.get("metadata") or {}).get("name"))):
@@ -260,7 +260,7 @@ def _build(key: str, svc: dict[str, Any], slices: list[dict[str, Any]], ctx: Nod
     if hc_port is not None:
         hc_port = _port(hc_port, "spec.healthCheckNodePort")
 
-    by_port = _endpoints_by_port(slices, key)
+    by_port = _endpoints_by_port(slices)
     vss: list[VirtualServer] = []
     nft: set[NftElement] = set()
     udp: set[tuple[str, int]] = set()

@@ -18,7 +18,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -316,6 +315,14 @@ def test_session_affinity_sticks(lab: Lab, proxy: ServiceProxy, store: Store) ->
     got = lab.request("client", "tcp", "10.96.0.30", 80, 6)
     assert len({g.split()[0] for g in got}) == 1, got
     assert proxy.kernel.ipvs_dump()[("TCP", "10.96.0.30", 80)].persistence == 60
+    # options change in place (IPVS "set", not delete+add): scheduler from the annotation, no persistence
+    s2 = svc("sticky", "10.96.0.30", TCP_UDP)
+    s2["metadata"]["annotations"] = {"bgp-fabric.io/scheduler": "wrr"}
+    set_service(store, s2, None)
+    plan = sync(proxy, store)
+    assert len(plan.vs_update) == 2 and not plan.vs_add and not plan.vs_delete
+    v = proxy.kernel.ipvs_dump()[("TCP", "10.96.0.30", 80)]
+    assert (v.scheduler, v.persistence, len(v.reals)) == ("wrr", 0, 3)
 
 
 def test_scale_terminate_drain_and_resync(lab: Lab, proxy: ServiceProxy, store: Store) -> None:
