@@ -7,6 +7,7 @@ inside a namespace. Requests (one JSON object a line):
                                  "med": ..., "neighbors": [...] | null}, ...]}   (the whole desired set)
   {"op": "status"}          -> {"status": {...}}
   {"op": "stop"}            -> stops the speaker and exits
+BGP_PROBE_CHUNK=N in the environment sets how many prefixes go in one ExaBGP command (benchmarks).
 Every event is printed as {"event": "PeerUp", ...fields}; each request is answered with {"ok": true}
 or {"error": "..."}.
 """
@@ -16,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import sys
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
+from bgp import announce
 from bgp.announce import Announcement
 from bgp.events import BgpEvent
 from bgp.exabgp_config import Neighbor, NeighborError
@@ -65,6 +68,9 @@ def _out(obj: dict[str, Any]) -> None:
 
 
 async def main(run_dir: str) -> int:
+    chunk = os.environ.get("BGP_PROBE_CHUNK")  # benchmarks: prefixes per ExaBGP command (1 = one per route)
+    if chunk:
+        announce.CHUNK = int(chunk)
     speaker = Speaker(Path(run_dir), lambda ev: _out(event_json(ev)))
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=64 * 1024 * 1024)
