@@ -125,3 +125,35 @@ def test_speaker_pair_lifecycle(pair: tuple[str, str]) -> None:
         b.close()
         for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def test_hold_timer_expiry_is_a_hard_drop(pair: tuple[str, str]) -> None:
+    """A peer that goes silent (its ExaBGP frozen) is dropped at hold time with a NOTIFICATION: not graceful,
+    so its routes must go at once rather than be kept for its restart time."""
+    ns_a, ns_b = pair
+    dirs = [tempfile.mkdtemp(prefix="bgp-speaker-") for _ in range(2)]
+    a = ProbeClient(ns_a, dirs[0])
+    b = ProbeClient(ns_b, dirs[1])
+    frozen: int | None = None
+    try:
+        a.request({"op": "neighbors", "neighbors": [neighbor("node-b", A_IP, B_IP, hold_time=3)]}, WAIT)
+        b.request({"op": "neighbors", "neighbors": [neighbor("node-a", B_IP, A_IP, hold_time=3)]}, WAIT)
+        b.wait_for(ev("PeerUp", peer="node-a"), WAIT)
+        pid = a.status(WAIT)["exabgp_pid"]
+        assert isinstance(pid, int)
+        m = b.mark()
+        os.kill(pid, signal.SIGSTOP)
+        frozen = pid
+        down = b.wait_for(ev("PeerDown", peer="node-a"), WAIT, after=m)
+        assert down["graceful"] is False, down
+        assert down["reason"].startswith("notification sent (4,"), down  # hold timer expired
+        os.kill(pid, signal.SIGCONT)
+        frozen = None
+        b.wait_for(ev("PeerUp", peer="node-a"), WAIT, after=m)
+    finally:
+        if frozen is not None:
+            os.kill(frozen, signal.SIGCONT)
+        a.close()
+        b.close()
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
