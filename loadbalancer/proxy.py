@@ -214,7 +214,8 @@ class ServiceProxy:
         kernel = self.kernel
         current_addrs = kernel.addresses()
         ours = current_addrs | set(self.ctx.node_port_addresses) | {vk[1] for vk in desired}
-        actual = {vk: v for vk, v in kernel.ipvs_dump().items() if vk[1] in ours}
+        # ours: on our device, on a NodePort address, wanted, or programmed by us earlier (an old node address)
+        actual = {vk: v for vk, v in kernel.ipvs_dump().items() if vk[1] in ours or vk in self._vs_owner}
         diff_virtual_servers(plan, actual, desired)
         plan.owners = {vk: s for s, st in states.items() for vk in (v.key for v in st.virtual_servers)}
         want_addrs = {a for st in states.values() for a in st.addresses}
@@ -313,6 +314,13 @@ class ServiceProxy:
             self._errors[s] = why
             if why.startswith("virtual server ") and "already belongs" in why:
                 self._conflicted.add(s)
+
+    def set_node_addresses(self, node_addresses: Sequence[str]) -> None:
+        """The node's addresses changed (NodePort addresses follow): the next plan() is a full one."""
+        ctx = node_context(self.settings, self.ctx.node_name, node_addresses)
+        if ctx != self.ctx:
+            self.ctx = ctx
+            self._synced = False
 
     # -- introspection ------------------------------------------------------------------------
 

@@ -241,6 +241,18 @@ def test_resync_repairs_drift_and_udp_removal_flushes_conntrack(setup) -> None:
     assert plan.conntrack_flush == [("10.96.0.10", 53, "10.244.0.2")] and fake.flushed == plan.conntrack_flush
 
 
+def test_node_address_change_moves_node_ports(setup) -> None:
+    store, proxy, fake = setup
+    put(store, svc("np", "10.96.0.7", type="NodePort", ports=[{"name": "p", "port": 80, "nodePort": 30007}]),
+        eps("np", "10.244.0.1"))
+    sync(proxy, store)
+    assert ("TCP", "10.0.1.11", 30007) in fake.vs
+    proxy.set_node_addresses(["10.0.1.12"])
+    plan, res = sync(proxy, store)
+    assert plan.full and res.ok
+    assert ("TCP", "10.0.1.12", 30007) in fake.vs and ("TCP", "10.0.1.11", 30007) not in fake.vs
+
+
 def test_plan_prints_and_explain(setup) -> None:
     store, proxy, _ = setup
     put(store, svc("web", "10.96.0.5", type="NodePort", sessionAffinity="ClientIP",
