@@ -211,6 +211,13 @@ class Speaker:
             self._writer.close()
         self._writer = writer
         self.relay_connections += 1
+        if self._ready and self._proc is not None and self._proc.returncode is None:
+            # ExaBGP respawned a dead relay: whatever it wrote meanwhile (updates, state changes) is
+            # lost, and nothing replays it. Restarting ExaBGP is the one clean resync: peers keep our
+            # routes and we keep theirs (graceful restart) until the End-of-RIBs.
+            log.warning("relay reconnected to a running exabgp: restarting exabgp to resync")
+            self.errors.append("relay restarted under a running exabgp: exabgp restarted to resync")
+            self._proc.kill()
         self._ready = True
         if self._reload_pending:
             self._reload()

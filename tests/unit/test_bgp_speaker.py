@@ -35,8 +35,17 @@ signal.signal(signal.SIGUSR1, reload)
 text = open(conf).read()
 run = re.search(r"^\s*run (.*);$", text, re.M).group(1)
 known = set(re.findall(r"^neighbor (\S+) \{", text, re.M))
-relay = subprocess.Popen(shlex.split(run), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 lock = threading.Lock()
+def start_relay():
+    return subprocess.Popen(shlex.split(run), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+relay = start_relay()
+def respawn_relay(*_):  # what ExaBGP does when its helper dies
+    global relay
+    with lock:
+        relay.kill(); relay.wait()
+        relay = start_relay()
+    threading.Thread(target=serve, args=(relay,), daemon=True).start()
+signal.signal(signal.SIGUSR2, respawn_relay)
 def send(line):
     with lock:
         relay.stdin.write(line + "\n"); relay.stdin.flush()
@@ -44,11 +53,14 @@ inject = os.path.join(here, "inject.jsonl")
 if os.path.exists(inject):
     for line in open(inject):
         send(line.rstrip("\n"))
-for cmd in relay.stdout:
-    cmd = cmd.rstrip("\n")
-    log.write(cmd + "\n")
-    m = re.match(r"neighbor (\S+) ", cmd)
-    send("error" if m and m.group(1) not in known else "done")
+def serve(r):
+    for cmd in r.stdout:
+        cmd = cmd.rstrip("\n")
+        log.write(cmd + "\n")
+        m = re.match(r"neighbor (\S+) ", cmd)
+        send("error" if m and m.group(1) not in known else "done")
+serve(relay)
+threading.Event().wait()  # a respawned relay is served by its own thread
 '''
 
 STATE = ('{"exabgp": "5.0.0", "type": "state", "neighbor": {"address": {"local": "10.0.0.1", "peer": "%s"}, '
@@ -168,5 +180,28 @@ def test_missing_exabgp_is_a_clear_error(tmp_path: Path) -> None:
         sp = Speaker(tmp_path / "run", lambda ev: None, exabgp=str(tmp_path / "no-such-exabgp"))
         with pytest.raises(SpeakerError, match="paths.exabgp: .*no-such-exabgp.* is not an executable file"):
             await sp.start()
+
+    asyncio.run(main())
+
+
+def test_relay_respawned_under_running_exabgp_restarts_it(tmp_path: Path, fake_exabgp: str) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    events: list[BgpEvent] = []
+
+    async def main() -> None:
+        sp = Speaker(run_dir, events.append, exabgp=fake_exabgp)
+        await sp.set_neighbors([nb("b", "10.0.0.2")])
+        await sp.start()
+        try:
+            await until("relay", lambda: sp.status()["relay_connected"])
+            pid = sp.status()["exabgp_pid"]
+            assert isinstance(pid, int)
+            os.kill(pid, signal.SIGUSR2)  # the stand-in kills and respawns its relay
+            await until("restarted", lambda: SpeakerRestarted() in events)
+            await until("respawned", lambda: sp.status()["exabgp_starts"] == 2 and sp.status()["relay_connected"])
+            assert any("relay restarted" in e for e in sp.status()["recent_errors"])
+        finally:
+            await sp.stop()
 
     asyncio.run(main())
