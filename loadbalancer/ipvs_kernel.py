@@ -457,7 +457,14 @@ class KernelAdapter:
                     errs.append(f"sysctl {path.replace('/', '.')}={value}: {e.strerror}")
             return errs
 
+        def lo_up() -> None:
+            # IPVS refuses masquerade destinations ("address not unicast") while lo is down (fresh namespaces)
+            idx = self._ipr.link_lookup(ifname="lo")
+            if idx:
+                self._ipr.link("set", index=idx[0], state="up")
+
         self.ensure_device()
+        self.ns.call(lo_up)
         return self.ns.call(run)
 
     def call(self, fn, *args):

@@ -403,3 +403,19 @@ def test_objects_live_only_in_the_proxy_namespace(proxy: ServiceProxy) -> None:
     ours = subprocess.run(["ipvsadm", "-Ln"], capture_output=True, text=True).stdout
     assert "10.96.0.10" not in ours and ":0050" not in open("/proc/net/ip_vs").read()
     assert "fabric-svc" not in subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
+
+
+def test_fresh_namespace_with_lo_down_works() -> None:
+    # IPVS refuses masquerade destinations while lo is down; the adapter brings lo up itself.
+    ns = f"lbfresh-{uuid.uuid4().hex[:6]}"
+    sh("ip", "netns", "add", ns)
+    p = ServiceProxy(ServiceSettings(), "node-a", ["192.168.200.1"], netns=ns)
+    try:
+        st = Store()
+        set_service(st, svc("f", "10.96.7.7", TCP_UDP), eps("f", {"pod1": READY}))
+        res = p.apply(p.plan(st, st.take()))
+        assert res.ok, str(res)
+        assert [r.addr for r in p.kernel.ipvs_dump()[("TCP", "10.96.7.7", 80)].reals] == [PODS["pod1"]]
+    finally:
+        p.close()
+        sh("ip", "netns", "del", ns)
