@@ -41,6 +41,7 @@ SIM = f"""table ip ipvs-sim {{
     ip daddr 10.96.0.11 tcp dport 80 dnat to {PODS['pod1']}:8080
     ip daddr {NODE_IP} tcp dport 30080 dnat to {PODS['pod2']}:8080
     ip daddr {NODE_IP} tcp dport 30081 dnat to {PODS['pod3']}:8080
+    ip daddr 10.96.0.13 tcp dport 80 dnat to {PODS['pod2']}:8080
     ip daddr 10.96.0.12 udp dport 53 dnat to numgen inc mod 2 map {{ 0 : {PODS['pod2']}, 1 : {PODS['pod3']} }} : 5353
   }}
 }}
@@ -61,6 +62,7 @@ def _eps(name: str, pod: str, port: int = 8080) -> dict:
 def test_masquerade_hairpin_local_and_source_ranges() -> None:
     services = [
         (_svc("self", "ClusterIP", [{"port": 80}], ip="10.96.0.11"), _eps("self", "pod1")),
+        (_svc("cip", "ClusterIP", [{"port": 80}], ip="10.96.0.13"), _eps("cip", "pod2")),
         (_svc("np", "NodePort", [{"port": 80, "nodePort": 30080}]), _eps("np", "pod2")),
         (_svc("loc", "NodePort", [{"port": 80, "nodePort": 30081}], externalTrafficPolicy="Local"), _eps("loc", "pod3")),
         (_svc("lb", "LoadBalancer", [{"port": 8080, "nodePort": 30443}], loadBalancerSourceRanges=["10.10.0.0/16"],
@@ -90,6 +92,10 @@ def test_masquerade_hairpin_local_and_source_ranges() -> None:
         # hairpin: pod1 -> its own service -> itself works because it is masqueraded
         got = lab.request("pod1", "tcp", "10.96.0.11", 80)
         assert got[0].split()[0] == "pod1" and got[0].split()[1] != PODS["pod1"], got
+        # ClusterIP: a pod keeps its address; a client outside clusterCIDR is masqueraded
+        assert lab.request("client", "tcp", "10.96.0.13", 80) == [f"pod2 {PODS['client']}"]
+        got = lab.request("ext", "tcp", "10.96.0.13", 80)
+        assert got[0].split()[0] == "pod2" and got[0].split()[1] != EXT_IP, got
         # ETP Cluster NodePort: masqueraded; ETP Local: the backend sees the real client
         got = lab.request("ext", "tcp", NODE_IP, 30080)
         assert got[0].split()[0] == "pod2" and got[0].split()[1] != EXT_IP, got
