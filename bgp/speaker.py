@@ -5,10 +5,12 @@ connects to it) and `exabgp.log`. ExaBGP is started with PR_SET_PDEATHSIG=SIGKIL
 (SIGKILL, not SIGTERM: on SIGTERM ExaBGP sends a Cease NOTIFICATION and RFC 4724 peers then flush
 our routes at once; a plain TCP close lets them keep our routes for the graceful-restart time),
 and restarted with backoff if it dies (sessions drop; peers keep our routes by graceful restart, the
-RIB keeps theirs: SpeakerRestarted). After every relay (re)connection the whole desired set is
-announced again (identical routes cause no UPDATE) followed by End-of-RIB; when a neighbor comes up,
-the routes for it are replayed to it alone and followed by its own End-of-RIB (manual-eor is on, so
-ExaBGP never sends an empty End-of-RIB after a restart and peers keep our routes until then).
+RIB keeps theirs: SpeakerRestarted). When the relay of a new ExaBGP connects, the whole desired set
+is announced (identical routes cause no UPDATE); when a neighbor comes up, the routes for it are
+replayed to it alone and followed by its own End-of-RIB (manual-eor is on, so ExaBGP never sends an
+empty End-of-RIB after a restart and peers keep our routes until then). A relay that reconnects to
+an ExaBGP that kept running (ExaBGP respawned its helper) means messages were lost: ExaBGP is then
+restarted, the one clean resync.
 
 Neighbor changes rewrite the config and send SIGUSR1 (reload): ExaBGP keeps the sessions of neighbors
 whose definition did not change (checked by tests/kernel/test_bgp_speaker.py).
