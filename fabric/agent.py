@@ -23,9 +23,10 @@ from bgp.events import BgpEvent, EndOfRib, PeerDown, PeerUp, SpeakerRestarted
 from bgp.exabgp_config import Neighbor, NeighborError
 from bgp.rib import Rib
 from fabric import status as status_mod
-from fabric.bgp_desired import desired_announcements, desired_neighbors, local_pod_cidrs
+from fabric.bgp_desired import (desired_announcements, desired_neighbors, local_pod_cidrs,
+                                service_announcements)
 from fabric.config import AgentConfig
-from fabric.effective import effective_config
+from fabric.effective import EffectiveConfig
 from fabric.health import HealthServer
 from fabric.import_policy import ImportFilter
 from fabric.inputs import NodeInfo
@@ -41,6 +42,7 @@ class Agent:
         self.base_cfg = cfg
         self.cfg = cfg  # effective: base config overlaid with IPPool/BGPPeer/BGPConfiguration objects
         self._cfg_problems: list[str] = []
+        self._effective = EffectiveConfig(cfg)
         self.config_dir = config_path.resolve().parent
         self.run_dir = self._path(cfg.paths.run_dir)
         self.store = Store()
@@ -205,6 +207,10 @@ class Agent:
     def _next_deadline(self) -> float:
         now = time.monotonic()
         deadlines = [self._next_resync]
+        if self._view is None:
+            # Start-up only: the node address is not on any interface yet (e.g. containerlab runs the
+            # agent before its `exec` lines); look again soon instead of at the next resync.
+            deadlines.append(now + 1.0)
         d = self.rib.next_deadline()
         if d is not None:
             deadlines.append(d)
@@ -225,7 +231,7 @@ class Agent:
             self.store.request_full()
         changes = self.store.take()
         if changes.full or changes.of("IPPool") or changes.of("BGPPeer") or changes.of("BGPConfiguration"):
-            self._refresh_config()
+            await self._refresh_config()
         self.rib.expire(now)
         self._warnings = list(self._cfg_problems)
         if self.source is not None and getattr(self.source, "problems", None):
@@ -247,10 +253,14 @@ class Agent:
         self._ready = self._view is not None
         self._write_status()
 
-    def _refresh_config(self) -> None:
-        cfg, problems = effective_config(self.base_cfg, self.store.snapshot("BGPConfiguration"),
-                                         self.store.snapshot("BGPPeer"), self.store.snapshot("IPPool"),
-                                         previous=self.cfg)
+    async def _refresh_config(self) -> None:
+        if isinstance(self.source, _ThreadSourceAdapter):
+            # The Kubernetes source reads peer Secrets and records Events: blocking, so off the loop.
+            cfg, probs = await asyncio.get_running_loop().run_in_executor(
+                None, self.source.src.effective_config, self.base_cfg)
+            problems = [str(p) for p in probs]
+        else:
+            cfg, problems = self._effective.from_store(self.store)
         for p in problems:
             if p not in self._cfg_problems:
                 log.error("cluster object rejected, keeping its last good version: %s", p)
@@ -278,6 +288,8 @@ class Agent:
                 if peer not in current and self.rib.forget(peer):
                     log.info("peer %s removed from config: its routes are withdrawn", peer)
         anns = desired_announcements(self.cfg, pod_cidrs, neighbors)
+        anns.update(service_announcements(self.cfg, self.store.snapshot("Service"),
+                                          self.store.snapshot("EndpointSlice"), neighbors))
         await self.speaker.set_announcements(
             {p: Announcement(a.prefix, a.next_hop, a.communities, neighbors=a.neighbors) for p, a in anns.items()})
         return neighbors
@@ -410,9 +422,6 @@ class _ThreadSourceAdapter:
 
 
 def _make_service_proxy(agent: Agent):
-    try:
-        from loadbalancer.agent_glue import make_service_proxy
-    except ImportError:
-        log.warning("service proxy not available in this build; services are not programmed")
-        return None
+    from loadbalancer.agent_glue import make_service_proxy
+
     return make_service_proxy(agent.cfg)

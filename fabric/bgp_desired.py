@@ -100,3 +100,57 @@ def desired_announcements(cfg: AgentConfig, pod_cidrs: list[ipaddress.IPv4Networ
                 if c not in out:
                     out[c] = DesiredAnnouncement(c, me, comm, externals, f"advertise.{label} (external peers only)")
     return out
+
+
+def _service_ips(svc: dict) -> list[ipaddress.IPv4Address]:
+    spec, status = svc.get("spec") or {}, svc.get("status") or {}
+    raw = list(spec.get("externalIPs") or [])
+    raw += [i.get("ip") for i in ((status.get("loadBalancer") or {}).get("ingress") or []) if isinstance(i, dict)]
+    out = []
+    for r in raw:
+        try:
+            out.append(ipaddress.IPv4Address(r))
+        except (ipaddress.AddressValueError, ValueError, TypeError):
+            continue  # the service proxy reports malformed addresses
+    return out
+
+
+def _has_local_ready_endpoint(slices: list[dict], node: str) -> bool:
+    for sl in slices:
+        for ep in sl.get("endpoints") or []:
+            cond = ep.get("conditions") or {}
+            if ep.get("nodeName") == node and cond.get("ready", True) is not False:
+                return True
+    return False
+
+
+def service_announcements(cfg: AgentConfig, services: dict[str, dict], slices: dict[str, dict],
+                          neighbors: list[Neighbor]) -> dict[ipaddress.IPv4Network, DesiredAnnouncement]:
+    """Calico's rule for externalTrafficPolicy: Local: each external/LoadBalancer IP inside an advertised
+    range is announced as a /32 only by nodes with a ready local endpoint, so upstream routers send
+    clients only where they are answered locally (no SNAT, client IP kept). Cluster-policy services are
+    covered by the advertised ranges themselves."""
+    externals = frozenset(n.name for n in neighbors if n.kind == "external")
+    if not externals:
+        return {}
+    ranges = list(cfg.advertise.service_external_ips) + list(cfg.advertise.service_load_balancer_ips)
+    by_service: dict[str, list[dict]] = {}
+    for sl in slices.values():
+        name = ((sl.get("metadata") or {}).get("labels") or {}).get("kubernetes.io/service-name")
+        ns = (sl.get("metadata") or {}).get("namespace", "default")
+        if name:
+            by_service.setdefault(f"{ns}/{name}", []).append(sl)
+    me, comm = cfg.node.address.ip, tuple(cfg.advertise.communities)
+    out: dict[ipaddress.IPv4Network, DesiredAnnouncement] = {}
+    for key, svc in sorted(services.items()):
+        if not isinstance(svc, dict) or (svc.get("spec") or {}).get("externalTrafficPolicy") != "Local":
+            continue
+        if not _has_local_ready_endpoint(by_service.get(key, []), cfg.node.name):
+            continue
+        for ip in _service_ips(svc):
+            if any(ip in r for r in ranges):
+                net = ipaddress.IPv4Network(f"{ip}/32")
+                out[net] = DesiredAnnouncement(net, me, comm, externals,
+                                               f"service {key} (externalTrafficPolicy Local) has a ready endpoint "
+                                               f"on this node")
+    return out

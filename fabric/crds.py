@@ -10,7 +10,10 @@ the file, and then all of them together by `AgentConfig` (duplicate peers, overl
 - BGPPeer: one external peer named after the object. `password.secretKeyRef {name, key}` is resolved
   through the `secret(name, key)` callable the caller passes (the Kubernetes source's `read_secret`).
 - IPPool: cidr, ipipMode, natOutgoing, disabled, blockSize (checked here; the dataplane does not use it).
-- Peers and pools from the CRDs are added to those of the base config file.
+- Peers from the CRDs are added to those of the base config file. Pools: once any IPPool object
+  exists, the IPPools ARE the pools (as in Calico, where the file's pool is only the bootstrap
+  default, like CALICO_IPV4POOL_CIDR); otherwise the file's pools apply. So an IPPool edit (e.g.
+  ipipMode) takes effect cluster-wide instead of clashing with the file's copy of the same CIDR.
 
 A bad object gives a `Problem` (`Kind/name: field: reason`, fields as written in the object) and the
 LAST GOOD version of that object stays in effect (none if it never was good). `CrdConfig` keeps those
@@ -290,7 +293,7 @@ class CrdConfig:
             conf = parse("BGPConfiguration", key, obj, lambda obj=obj: _bgp_configuration(obj, base))
 
         # IPPools: each checked alone, then against the pools accepted before it (in name order).
-        pools = list(base.pools)
+        pools = [] if objects.get("IPPool") else list(base.pools)
         for key, obj in sorted((objects.get("IPPool") or {}).items()):
             pool = parse("IPPool", key, obj, lambda obj=obj: _ip_pool(obj))
             if pool is None:

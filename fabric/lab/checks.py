@@ -71,6 +71,30 @@ class Tcp(_Model):
         return f"tcp {self.src} -> {self.to}:{self.port}"
 
 
+class Http(_Model):
+    """N HTTP GETs to a service address; each backend in `serve` answers with its own node name.
+    Passes when every request is answered and the answers came from exactly `expect` (default: all
+    of `serve`) — e.g. an IPVS rr service spreading over backends in both racks."""
+
+    src: str = Field(alias="from", min_length=1)
+    to: str
+    port: int = Field(ge=1, le=65535)
+    serve: list[str] = Field(min_length=1)  # nodes that run the backend (on `backend_port`)
+    backend_port: int = Field(default=8080, ge=1, le=65535, alias="backendPort")
+    requests: int = Field(default=6, ge=1, le=1000)
+    expect: list[str] | None = None
+    spread: bool = True  # every expected backend must answer; false: any of them may answer each request
+    timeout: Seconds = 30.0
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _to(cls, v: Any) -> str:
+        return _ip(v)
+
+    def label(self) -> str:
+        return f"http {self.src} -> {self.to}:{self.port} x{self.requests}"
+
+
 class SessionCount(_Model):
     min: int = Field(ge=0)
 
@@ -80,6 +104,7 @@ class Checks(_Model):
     sessions: SessionCount | None = None
     pings: list[Ping] = Field(default_factory=list)
     tcp: list[Tcp] = Field(default_factory=list)
+    http: list[Http] = Field(default_factory=list)
 
 
 def path_for(topology_path: Path) -> Path:
@@ -104,13 +129,18 @@ def parse(data: Any, topology: Topology, source: str = "checks") -> Checks:
         raise TopologyError(format_errors(e), source) from None
     problems = []
     names = {n.name for n in topology.nodes}
-    for kind, items in (("pings", checks.pings), ("tcp", checks.tcp)):
+    for kind, items in (("pings", checks.pings), ("tcp", checks.tcp), ("http", checks.http)):
         for i, c in enumerate(items):
             if c.src not in names:
                 problems.append(f"{kind}[{i}].from: node {c.src!r} is not defined in the topology")
             serve = getattr(c, "serve", None)
-            if serve is not None and serve not in names:
-                problems.append(f"{kind}[{i}].serve: node {serve!r} is not defined in the topology")
+            for j, sv in enumerate(serve if isinstance(serve, list) else [serve] if serve else []):
+                if sv not in names:
+                    where = f"{kind}[{i}].serve" + (f"[{j}]" if isinstance(serve, list) else "")
+                    problems.append(f"{where}: node {sv!r} is not defined in the topology")
+            for j, e in enumerate(getattr(c, "expect", None) or []):
+                if e not in (serve or []):
+                    problems.append(f"{kind}[{i}].expect[{j}]: {e!r} is not one of serve")
     if problems:
         raise TopologyError(problems, source)
     return checks

@@ -27,7 +27,7 @@ from typing import TextIO
 from fabric import labkernel
 from fabric.lab import agent, clab, frr, netns
 from fabric.lab import checks as checks_mod
-from fabric.lab.checks import Checks, Ping, Tcp
+from fabric.lab.checks import Http, Checks, Ping, Tcp
 from fabric.lab.kinds import LabPlan, NodePlan, Role, plan
 from fabric.lab.procs import Processes
 from fabric.lab.report import CheckResult, render, verdict
@@ -312,6 +312,43 @@ class Lab:
             self._serve_tcp(node, port)
         for c in self.checks.tcp:
             self.results.append(self._retry(c.label(), lambda c=c: self._tcp(c), c.timeout, converged, deadline))
+        backends = {(node, h.backend_port) for h in self.checks.http for node in h.serve}
+        for node, port in sorted(backends):
+            self._serve_http(node, port)
+        for h in self.checks.http:
+            self.results.append(self._retry(h.label(), lambda h=h: self._http(h), h.timeout, converged, deadline))
+
+    def _serve_http(self, node: str, port: int) -> None:
+        code = ("import http.server\n"
+                "class H(http.server.BaseHTTPRequestHandler):\n"
+                "    def do_GET(self):\n"
+                f"        body = {node!r}.encode() + b'\\n'\n"
+                "        self.send_response(200); self.send_header('Content-Length', str(len(body)))\n"
+                "        self.end_headers(); self.wfile.write(body)\n"
+                "    def log_message(self, *a): pass\n"
+                f"http.server.ThreadingHTTPServer(('0.0.0.0', {port}), H).serve_forever()\n")
+        n = self.plan.by_name(node)
+        self.procs.start(f"{node}/http-{port}", netns.exec_cmd(n.netns, [sys.executable, "-c", code]),
+                         self.workdir / f"{node}.http.log", self.env_for(n))
+
+    def _http(self, h: "Http") -> tuple[bool, str]:
+        code = ("import collections, sys, urllib.request\n"
+                "seen = collections.Counter()\n"
+                f"for i in range({h.requests}):\n"
+                "    try:\n"
+                f"        with urllib.request.urlopen('http://{h.to}:{h.port}/', timeout=3) as r:\n"
+                "            seen[r.read().decode().strip()] += 1\n"
+                "    except OSError as e:\n"
+                "        seen['error: ' + str(e)[:60]] += 1\n"
+                "print(' '.join(f'{k}={v}' for k, v in sorted(seen.items())))\n")
+        r = subprocess.run(netns.exec_cmd(self.plan.netns(h.src), [sys.executable, "-c", code]),
+                           capture_output=True, text=True)
+        answers = dict(kv.split("=", 1) for kv in r.stdout.split() if "=" in kv and not kv.startswith("error"))
+        expect = set(h.expect or h.serve)
+        got = set(answers)
+        ok = r.returncode == 0 and "error" not in r.stdout and bool(got) and (
+            got == expect if h.spread else got <= expect)
+        return ok, (r.stdout.strip() or r.stderr.strip())[-160:]
 
     def _retry(self, name: str, attempt: Callable[[], tuple[bool, str]], timeout: float, converged: bool,
                deadline: float) -> CheckResult:

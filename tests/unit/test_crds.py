@@ -287,15 +287,28 @@ def test_conflicts_between_objects_reject_the_later_one() -> None:
         "IPPool/b: spec.cidr: 10.244.8.0/24 overlaps pool 10.244.0.0/16; not used"]
 
 
-def test_peers_and_pools_add_to_the_config_file() -> None:
+def test_peers_add_to_the_config_file_and_ippools_replace_its_pools() -> None:
     file_cfg = parse({"node": {"name": "n1", "address": "10.0.1.11/24"}, "source": {"kind": "kubernetes"},
-                      "pools": [{"cidr": "10.244.0.0/16"}],
+                      "pools": [{"cidr": "10.244.0.0/16", "ipipMode": "CrossSubnet"}],
                       "peers": [{"name": "rr", "address": "10.0.0.5", "asn": 64512}]})
-    objects = {"IPPool": {"p": obj("IPPool", "p", {"cidr": "10.244.0.0/24"})},
+    objects = {"IPPool": {"p": obj("IPPool", "p", {"cidr": "10.244.0.0/16", "ipipMode": "Always"})},
                "BGPPeer": {"tor": obj("BGPPeer", "tor", {"peerIP": "10.0.0.6", "asNumber": 65000})}}
     cfg, problems = CrdConfig().effective(file_cfg, objects)
-    assert [p.name for p in cfg.peers] == ["rr", "tor"] and len(cfg.pools) == 1
-    assert [str(p) for p in problems] == ["IPPool/p: spec.cidr: 10.244.0.0/24 overlaps pool 10.244.0.0/16; not used"]
+    assert [p.name for p in cfg.peers] == ["rr", "tor"]
+    assert [(str(p.cidr), p.ipip_mode.value) for p in cfg.pools] == [("10.244.0.0/16", "Always")]
+    assert problems == []
+    # no IPPool objects: the file's pools are the bootstrap default
+    cfg, _ = CrdConfig().effective(file_cfg, {"BGPPeer": objects["BGPPeer"]})
+    assert [(str(p.cidr), p.ipip_mode.value) for p in cfg.pools] == [("10.244.0.0/16", "CrossSubnet")]
+
+
+def test_overlapping_ippools_the_later_is_refused() -> None:
+    file_cfg = parse({"node": {"name": "n1", "address": "10.0.1.11/24"}, "source": {"kind": "kubernetes"}})
+    objects = {"IPPool": {"a": obj("IPPool", "a", {"cidr": "10.244.0.0/16"}),
+                          "b": obj("IPPool", "b", {"cidr": "10.244.0.0/24"})}}
+    cfg, problems = CrdConfig().effective(file_cfg, objects)
+    assert len(cfg.pools) == 1
+    assert [str(p) for p in problems] == ["IPPool/b: spec.cidr: 10.244.0.0/24 overlaps pool 10.244.0.0/16; not used"]
 
 
 def test_unreadable_secret_is_a_problem_without_the_value() -> None:
