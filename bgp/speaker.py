@@ -353,11 +353,3 @@ class Speaker:
             "recent_errors": list(self.errors)[-10:],
             "neighbors": self._tracker.status(),
         }
-
-    async def wait_relay(self, timeout: float) -> bool:
-        """For tests and start-up: wait until the relay is connected."""
-        try:
-            await asyncio.wait_for(self._relay_connected.wait(), timeout)
-            return True
-        except asyncio.TimeoutError:
-            return False

@@ -64,7 +64,7 @@ def test_replay_to_one_neighbor() -> None:
         "neighbor 192.168.1.1 announce attributes next-hop self nlri 10.96.0.0/12 10.244.1.0/24"]
 
 
-def test_chunks(monkeypatch: object) -> None:
+def test_chunks() -> None:
     new = table(*(ann(f"10.{i // 256}.{i % 256}.0/24") for i in range(1200)))
     cmds = diff_commands({}, new, ADDRS)
     assert len(cmds) == 3 and [c.count("/24") for c in cmds] == [announce.CHUNK, announce.CHUNK, 200]
