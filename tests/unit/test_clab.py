@@ -35,14 +35,17 @@ def test_default_lab_parses() -> None:
     t = clab.load(REPO / "labs" / "two-racks.clab.yml")
     assert t.name == "two-racks"
     assert {n.name for n in t.nodes} == {"tor", "rack-a", "rack-b", "node-a1", "node-a2", "node-b1", "node-b2",
-                                         "pod-a1", "pod-a2", "pod-b1", "pod-b2"}
+                                         "pod-a1", "pod-a2", "pod-b1", "pod-b2", "client"}
     tor = t.node("tor")
     assert tor is not None and tor.image.startswith("quay.io/frrouting/frr")
     assert tor.bind_for("/etc/frr/frr.conf") == REPO / "labs" / "two-racks" / "tor" / "frr.conf"
     # kinds.linux gives the default image to nodes that name none
     assert t.node("pod-a1").image == "nicolaka/netshoot:v0.13"  # type: ignore[union-attr]
     assert (Endpoint("tor", "eth1"), Endpoint("rack-a", "eth1")) in t.links_of("tor")
-    assert len(t.links) == 10
+    assert len(t.links) == 11
+    a1 = t.node("node-a1")
+    assert a1 is not None and a1.image.startswith("bgp-fabric")
+    assert a1.bind_for("/etc/bgp-fabric/config.yaml") == REPO / "labs" / "two-racks" / "node-a1.yaml"
 
 
 def test_happy_path_fields_and_relative_binds(tmp_path: Path) -> None:

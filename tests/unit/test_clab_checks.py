@@ -30,8 +30,22 @@ def test_default_lab_checks_load() -> None:
     t = clab.load(REPO / "labs" / "two-racks.clab.yml")
     c, path = checks.load_for(t)
     assert path == REPO / "labs" / "two-racks.checks.yml"
-    assert c.sessions is not None and c.sessions.min == 8
+    assert c.sessions is not None and c.sessions.min == 20
     assert {(p.src, p.to) for p in c.pings} >= {("pod-a1", "10.244.3.10"), ("pod-b1", "10.244.1.10")}
+    assert [(h.src, h.to, h.port, h.spread) for h in c.http] == [
+        ("pod-b2", "10.96.0.10", 80, True), ("client", "10.96.100.10", 80, False), ("client", "10.0.1.11", 30080, True)]
+
+
+def test_http_check_validation(topology: clab.Topology) -> None:
+    names = [n.name for n in topology.nodes]
+    a, b = names[0], names[1]
+    c = checks.parse({"http": [{"from": a, "to": "10.96.0.10", "port": 80, "serve": [b]}]}, topology)
+    assert c.http[0].requests == 6 and c.http[0].backend_port == 8080 and c.http[0].spread is True
+    with pytest.raises(clab.TopologyError) as e:
+        checks.parse({"http": [{"from": a, "to": "10.96.0.10", "port": 80, "serve": [b, "ghost"],
+                                "expect": ["nobody"]}]}, topology)
+    assert "http[0].serve[1]: node 'ghost' is not defined in the topology" in e.value.problems
+    assert "http[0].expect[0]: 'nobody' is not one of serve" in e.value.problems
 
 
 def test_no_checks_file_means_sessions_only(topology: clab.Topology) -> None:
