@@ -1,4 +1,4 @@
-"""A threaded HTTP test double of the Kubernetes API server, on 127.0.0.1 with a random port.
+"""A threaded HTTP test double of the Kubernetes API server (default: 127.0.0.1, a random port).
 
 It speaks the wire format the official `kubernetes` client and real clients rely on:
 - list: `{"kind": "NodeList", "metadata": {"resourceVersion": "N", "continue": ...}, "items": [...]}`
@@ -12,12 +12,16 @@ It speaks the wire format the official `kubernetes` client and real clients rely
   (connection refused) and come back on the same port, fail the next N lists of a kind.
 
 Tests mutate state through `apply` / `delete` / `bookmark`; every request is logged in `requests`.
+As a standalone process (`python -m tests.fakeapi`, see __main__.py) it binds the address given on
+the command line, is driven through a control socket (tests.fakeapi.control) and can keep its
+objects in a state file, so a stopped and restarted server serves the same objects.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import socket
 import threading
 import time
@@ -98,9 +102,15 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class FakeApiServer:
-    """Start with `start()` (or as a context manager); `url` is what `Configuration.host` takes."""
+    """Start with `start()` (or as a context manager); `url` is what `Configuration.host` takes.
 
-    def __init__(self) -> None:
+    `state_file`: objects and the resourceVersion are loaded from it at start (if it exists) and
+    written to it (atomically) on every change. A server started from a state file has no watch
+    history, as a restarted API server whose watch cache starts empty: a watch resuming from before
+    the restart gets 410 Gone and the client relists.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, state_file: str | None = None) -> None:
         self._cond = threading.Condition()
         self._rv = 1
         self._objects: dict[str, dict[str, dict[str, Any]]] = {k: {} for k in RESOURCES}
@@ -117,21 +127,47 @@ class FakeApiServer:
         self.events: list[dict[str, Any]] = []
         self.requests: list[dict[str, Any]] = []
         self._conns: set[socket.socket] = set()
-        self.port = 0
+        self.host = host
+        self.port = port
+        self.state_file = state_file
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> "FakeApiServer":
+        if self.state_file and os.path.exists(self.state_file):
+            self._load_state()
         self._listen()
         return self
 
+    def _load_state(self) -> None:
+        assert self.state_file is not None
+        with open(self.state_file) as f:
+            data = json.load(f)
+        with self._cond:
+            for kind in RESOURCES:
+                self._objects[kind] = {_key(o): o for o in data["objects"].get(kind, [])}
+            self.events = list(data.get("events") or [])
+            self._rv = int(data["resourceVersion"]) + 1  # the restart itself is a write
+            self.compact()
+
+    def _save_state(self) -> None:
+        """Write objects, resourceVersion and events; caller holds self._cond."""
+        if not self.state_file:
+            return
+        data = {"resourceVersion": self._rv, "events": self.events,
+                "objects": {k: list(v.values()) for k, v in self._objects.items()}}
+        tmp = f"{self.state_file}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, self.state_file)
+
     def _listen(self) -> None:
-        srv = _Server(("127.0.0.1", self.port), _Handler)
+        srv = _Server((self.host, self.port), _Handler)
         srv.fake = self
         self.port = srv.server_address[1]
         self._server = srv
@@ -186,6 +222,7 @@ class FakeApiServer:
             md["resourceVersion"] = str(self._rv)
             self._objects[kind][key] = obj
             self._history[kind].append((self._rv, "MODIFIED" if old else "ADDED", copy.deepcopy(obj)))
+            self._save_state()
             self._cond.notify_all()
             return self._rv
 
@@ -196,6 +233,7 @@ class FakeApiServer:
             self._rv += 1
             obj["metadata"]["resourceVersion"] = str(self._rv)
             self._history[kind].append((self._rv, "DELETED", copy.deepcopy(obj)))
+            self._save_state()
             self._cond.notify_all()
             return self._rv
 
@@ -249,6 +287,10 @@ class FakeApiServer:
         with self._cond:
             return self._rv
 
+    def lists(self, kind: str) -> int:
+        """How many list requests (first pages) of `kind` were served or refused so far."""
+        return sum(1 for r in self.requests_for(kind, watch=False) if not r["query"].get("continue"))
+
     def watchers(self, kind: str) -> int:
         with self._cond:
             return self._watchers[kind]
@@ -293,6 +335,7 @@ class FakeApiServer:
             ev.setdefault("metadata", {})["namespace"] = seg[3]
             with self._cond:
                 self.events.append(ev)
+                self._save_state()
             return self._send(h, 201, ev)
         return self._send(h, 404, _status(404, "NotFound", f"no handler for {method} {parts.path}"))
 
