@@ -15,7 +15,9 @@ from fabric.bgp_desired import desired_announcements, desired_neighbors, local_p
 from fabric.config import AgentConfig
 from fabric.import_policy import ImportFilter
 from fabric.inputs import NodeInfo
-from fabric.sources.file import parse_cluster_file
+from fabric.effective import EffectiveConfig
+from fabric.sources.file import load_into, parse_cluster_file
+from fabric.tracker import Store
 from ipip.kernel import RouteKernel
 from ipip.model import RouteDiff, RoutePlan, desired_routes, diff_routes, same_subnet_network
 
@@ -38,6 +40,10 @@ def compute(cfg: AgentConfig, config_path: Path) -> dict[str, Any]:
         src = Path(cfg.source.path)
         state = parse_cluster_file(src if src.is_absolute() else base / src)
         nodes = {n.name: n for n in state.nodes}
+        store = Store()
+        load_into(store, state)
+        cfg, problems = EffectiveConfig(cfg).from_store(store)  # the same overlay the agent applies
+        notes += problems
     else:
         notes.append("source is kubernetes: nodes are taken from the running agent's learned routes only")
     run_dir = Path(cfg.paths.run_dir)

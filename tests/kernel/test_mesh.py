@@ -127,3 +127,18 @@ def test_mode_switch_always_then_never_then_back(lab: MeshLab) -> None:
         wait_for(lab.converged, 30, "convergence back on CrossSubnet")
         wait_for(lambda: "10.244.3.0/24 via 10.0.2.21 dev tunl0" in lab.routes(a1), 20, "IPIP back across racks")
     assert lab.ping(a1, b1)
+
+
+def test_plan_and_explain_on_a_converged_node(lab: MeshLab) -> None:
+    a1 = lab.node("a1")
+    fabric = f"{sys.executable.rsplit('/', 1)[0]}/fabric"
+    plan = subprocess.run(["ip", "netns", "exec", a1.ns, fabric, "plan", "-c", str(lab.config_path(a1))],
+                          capture_output=True, text=True)
+    assert plan.returncode == 0, plan.stderr
+    assert "changes: 0 delete, 0 replace" in plan.stdout, plan.stdout  # the agent already did it all
+    assert "a2" in plan.stdout and "10.244.1.0/24  next-hop 10.0.1.11" in plan.stdout
+    ex = subprocess.run(["ip", "netns", "exec", a1.ns, fabric, "explain", "-c", str(lab.config_path(a1)),
+                         "10.244.3.10"], capture_output=True, text=True)
+    assert ex.returncode == 0, ex.stderr
+    assert "learned 10.244.3.0/24 from b1 (next hop 10.0.2.21): accepted" in ex.stdout, ex.stdout
+    assert "another subnet" in ex.stdout and "IPIP via tunl0" in ex.stdout
