@@ -1,0 +1,107 @@
+"""Pure BGP desired state: neighbors, announcements, ETP=Local /32s, and the import filter glue."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address as A, IPv4Network as N
+
+from fabric import config as cfgmod
+from fabric.bgp_desired import desired_announcements, desired_neighbors, service_announcements
+from fabric.import_policy import ImportFilter
+from fabric.inputs import NodeInfo
+
+
+def make_cfg(**extra) -> cfgmod.AgentConfig:
+    base = {"node": {"name": "a1", "address": "10.0.1.11/24", "podCIDRs": ["10.244.1.0/24"]},
+            "pools": [{"cidr": "10.244.0.0/16"}], "source": {"kind": "file", "path": "c.yaml"}}
+    base.update(extra)
+    return cfgmod.parse(base)
+
+
+NODES = {n: NodeInfo(name=n, address=a, podCIDRs=[p]) for n, a, p in [
+    ("a1", "10.0.1.11", "10.244.1.0/24"), ("a2", "10.0.1.12", "10.244.2.0/24"), ("b1", "10.0.2.21", "10.244.3.0/24")]}
+NODES["a1"] = NodeInfo(name="a1", address="10.0.1.11", podCIDRs=["10.244.1.0/24"], labels={"rack": "a"})
+TOR = {"name": "tor", "address": "10.0.1.1", "asn": 65000, "password": "pw"}
+
+
+def test_mesh_is_every_other_node_plus_selected_externals() -> None:
+    c = make_cfg(peers=[TOR, {"name": "tor-b", "address": "10.0.2.1", "asn": 65000, "nodeSelector": {"rack": "b"}}])
+    ns, problems = desired_neighbors(c, NODES)
+    assert [(n.name, str(n.peer_address), n.peer_as, n.kind) for n in ns] == [
+        ("a2", "10.0.1.12", 64512, "mesh"), ("b1", "10.0.2.21", 64512, "mesh"), ("tor", "10.0.1.1", 65000, "external")]
+    assert problems == []
+    tor = ns[-1]
+    assert tor.md5_password == "pw" and tor.local_address == A("10.0.1.11") and tor.router_id == A("10.0.1.11")
+
+
+def test_mesh_off_and_peer_problems() -> None:
+    c = make_cfg(cluster={"mesh": False}, peers=[TOR, {"name": "dup", "address": "10.0.1.12", "asn": 65000}])
+    ns, problems = desired_neighbors(c, NODES)
+    assert [n.name for n in ns] == ["tor", "dup"]  # without the mesh a node address may be an external peer
+    c = make_cfg(peers=[{"name": "dup", "address": "10.0.1.12", "asn": 65000},
+                        {"name": "a2", "address": "10.0.9.9", "asn": 65000}])
+    ns, problems = desired_neighbors(c, NODES)
+    assert [n.name for n in ns] == ["a2", "b1"]
+    assert problems == ["peer dup: 10.0.1.12 is a mesh node already; skipped",
+                        "peer a2: name clashes with a node name; skipped"]
+
+
+def test_announcements_pod_cidrs_to_all_service_ranges_to_externals_only() -> None:
+    c = make_cfg(peers=[TOR], advertise={"serviceClusterIPs": ["10.96.0.0/24"], "communities": ["64512:100"]})
+    ns, _ = desired_neighbors(c, NODES)
+    anns = desired_announcements(c, [N("10.244.1.0/24")], ns)
+    assert anns[N("10.244.1.0/24")].neighbors is None
+    assert anns[N("10.96.0.0/24")].neighbors == frozenset({"tor"})
+    assert anns[N("10.96.0.0/24")].communities == ("64512:100",)
+    no_ext = desired_announcements(c, [N("10.244.1.0/24")], [n for n in ns if n.kind == "mesh"])
+    assert list(no_ext) == [N("10.244.1.0/24")]
+
+
+def svc(name: str, etp: str, ips: list[str]) -> dict:
+    return {"metadata": {"name": name, "namespace": "default"},
+            "spec": {"externalTrafficPolicy": etp, "externalIPs": ips[1:]},
+            "status": {"loadBalancer": {"ingress": [{"ip": ips[0]}]}}}
+
+
+def eps(name: str, node: str, ready: bool = True) -> dict:
+    return {"metadata": {"name": f"{name}-x", "namespace": "default", "labels": {"kubernetes.io/service-name": name}},
+            "endpoints": [{"addresses": ["10.244.9.9"], "conditions": {"ready": ready}, "nodeName": node}]}
+
+
+def test_etp_local_slash_32_only_with_a_local_ready_endpoint() -> None:
+    c = make_cfg(peers=[TOR], advertise={"serviceLoadBalancerIPs": ["10.96.100.0/24"],
+                                         "serviceExternalIPs": ["192.0.2.0/24"]})
+    ns, _ = desired_neighbors(c, NODES)
+    services = {"default/local": svc("local", "Local", ["10.96.100.10", "192.0.2.7", "198.51.100.1"]),
+                "default/remote": svc("remote", "Local", ["10.96.100.11"]),
+                "default/cluster": svc("cluster", "Cluster", ["10.96.100.12"]),
+                "default/notready": svc("notready", "Local", ["10.96.100.13"])}
+    slices = {"default/local-x": eps("local", "a1"), "default/remote-x": eps("remote", "b1"),
+              "default/cluster-x": eps("cluster", "a1"), "default/notready-x": eps("notready", "a1", ready=False)}
+    anns = service_announcements(c, services, slices, ns)
+    # 198.51.100.1 is outside every advertised range: never announced
+    assert sorted(map(str, anns)) == ["10.96.100.10/32", "192.0.2.7/32"]
+    assert all(a.neighbors == frozenset({"tor"}) for a in anns.values())
+    assert service_announcements(c, services, slices, [n for n in ns if n.kind == "mesh"]) == {}
+
+
+def test_import_filter_mesh_and_external_rules_and_log_once() -> None:
+    c = make_cfg(peers=[dict(TOR, **{"import": {"allow": ["10.0.9.0/24"]}, "maxPrefixes": 1})])
+    f = ImportFilter(c)
+    kinds = {"a2": "mesh", "b1": "mesh", "tor": "external"}
+    routes = {N("10.244.2.0/24"): {("a2", A("10.0.1.12"))},
+              N("10.244.1.0/24"): {("b1", A("10.0.2.21"))},          # our own pod CIDR
+              N("0.0.0.0/0"): {("a2", A("10.0.1.12"))},               # default route
+              N("10.0.2.0/24"): {("b1", A("10.0.2.21"))},              # covers a node address
+              N("172.16.0.0/24"): {("b1", A("10.0.2.21"))},            # outside the pools
+              N("10.0.9.0/24"): {("tor", A("10.0.1.1"))},
+              N("10.0.9.128/25"): {("tor", A("10.0.1.1"))},            # over maxPrefixes
+              N("10.99.0.0/24"): {("tor", A("10.0.1.1"))},             # not allowed
+              N("10.244.7.0/24"): {("gone", A("10.0.1.99"))}}          # not a neighbor any more
+    learned, fresh = f.filter(routes, kinds, NODES, [N("10.244.1.0/24")])
+    assert learned == {N("10.244.2.0/24"): {("a2", A("10.0.1.12"))}, N("10.0.9.0/24"): {("tor", A("10.0.1.1"))}}
+    assert len(fresh) == 6 and all(line.startswith("peer ") for line in fresh)
+    assert any("b1: 10.244.1.0/24" in line and "this node's pod CIDR" in line for line in fresh)
+    assert any("tor: 10.0.9.128/25" in line and "max-prefixes 1" in line for line in fresh)
+    again, fresh2 = f.filter(routes, kinds, NODES, [N("10.244.1.0/24")])
+    assert again == learned and fresh2 == []            # logged once
+    assert len(f.active_rejections()) == 6               # but still listed in status
