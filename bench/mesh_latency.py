@@ -1,0 +1,290 @@
+"""Mesh propagation latency: a new prefix on one node until it is in every other node's kernel.
+
+Run in the lab kernel (nothing can leave it):
+
+    .venv/bin/fabric lab-kernel run -- .venv/bin/python bench/mesh_latency.py [--nodes 4] [--reps 10] [--idle 30]
+
+Builds N nodes in two racks with tests/kernel/meshlab.py's MeshLab (router between two bridges;
+node namespaces, IPIP across racks) twice:
+
+- **agents**: real `fabric agent` processes in a full iBGP mesh. The event: node 1's Node object in
+  the cluster file gains a pod CIDR 10.244.(100+k).0/24 (atomic file replace, like a ConfigMap
+  update). Every agent sees the file change; node 1 announces the prefix; we time until every
+  other node's kernel has it (proto 80), then remove it again and time the withdrawal.
+- **BIRD**: one BIRD 2 per node namespace, the same full iBGP mesh, kernel protocol exporting BGP
+  routes. The event: `birdc enable evK` on node 1 (a static protocol holding the same prefix).
+
+Arrival is seen with one `ip monitor route` per node (event-driven, no polling). Reported: p50 / p90
+over the repetitions of "last node has it" (and of each node's arrival), ratio agents/BIRD. Then the
+idle CPU of each mesh: CPU seconds (utime+stime from /proc, all processes in the node namespaces)
+used over --idle seconds with nothing changing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.kernel.meshlab import MeshLab, Node, sh, wait_for  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def event_prefix(k: int) -> str:
+    return f"10.244.{100 + k}.0/24"
+
+
+def make_nodes(n: int, kind: str) -> list[Node]:
+    half = (n + 1) // 2
+    out = []
+    for i in range(n):
+        rack = "a" if i < half else "b"
+        addr = f"10.0.1.{11 + i}" if rack == "a" else f"10.0.2.{21 + i - half}"
+        out.append(Node(f"{rack}{i + 1}", rack, i + 1, addr, kind))
+    return out
+
+
+class LatencyLab(MeshLab):
+    """MeshLab whose agents take their pod CIDRs from the cluster file (so an edit there announces one)."""
+
+    extra: dict[str, list[str]]
+
+    def cluster_doc(self) -> dict:
+        doc = super().cluster_doc()
+        for node in doc["nodes"]:
+            node["podCIDRs"] += getattr(self, "extra", {}).get(node["name"], [])
+        return doc
+
+    def write_agent_config(self, n: Node) -> None:
+        super().write_agent_config(n)
+        doc = yaml.safe_load(self.config_path(n).read_text())
+        del doc["node"]["podCIDRs"]
+        doc["health"] = {"listen": None}
+        self.config_path(n).write_text(yaml.safe_dump(doc))
+
+
+class Monitors:
+    """One `ip monitor route` per node: (node, prefix, added?) -> first time seen."""
+
+    def __init__(self, nodes: list[Node], proto: str) -> None:
+        self.proto = f" proto {proto} "
+        self.events: dict[tuple[str, str, bool], float] = {}
+        self.procs = []
+        for n in nodes:
+            p = subprocess.Popen(["ip", "-n", n.ns, "monitor", "route"], stdout=subprocess.PIPE, text=True)
+            self.procs.append(p)
+            threading.Thread(target=self._read, args=(n.name, p), daemon=True).start()
+
+    def _read(self, name: str, p: subprocess.Popen) -> None:
+        assert p.stdout is not None
+        for raw in p.stdout:
+            now = time.monotonic()
+            line = raw.strip() + " "
+            if self.proto not in line:
+                continue
+            added = not line.startswith("Deleted")
+            words = line.split()[0 if added else 1:]
+            dst = words[1] if words[0] in ("blackhole", "unicast") else words[0]
+            self.events.setdefault((name, dst, added), now)
+
+    def clear(self) -> None:
+        self.events.clear()
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
+def cpu_seconds(ns: str) -> dict[str, float]:
+    """CPU time so far of every process in a namespace, summed by command name."""
+    out: dict[str, float] = {}
+    for pid in sh(f"ip netns pids {ns}", check=False).stdout.split():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        name = next((Path(c.decode()).name for c in cmd if b"fabric" in c or b"exabgp" in c or b"bird" in c
+                     or b"relay" in c), Path(cmd[0].decode()).name)
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
+def idle_cpu(nodes: list[Node], seconds: float) -> dict[str, float]:
+    before = {n.name: cpu_seconds(n.ns) for n in nodes}
+    time.sleep(seconds)
+    after = {n.name: cpu_seconds(n.ns) for n in nodes}
+    total: dict[str, float] = {}
+    for n in nodes:
+        for name, v in after[n.name].items():
+            total[name] = total.get(name, 0.0) + v - before[n.name].get(name, 0.0)
+    return total
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def measure(lab: MeshLab, mon: Monitors, reps: int, trigger, untrigger) -> dict[str, list[float]]:
+    """Per repetition: seconds until the last other node has the prefix, and until it is gone again."""
+    src = lab.nodes[0]
+    others = [n.name for n in lab.nodes[1:]]
+    res: dict[str, list[float]] = {"add_all": [], "add_each": [], "del_all": []}
+    for k in range(reps):
+        p = event_prefix(k)
+        mon.clear()
+        t0 = time.monotonic()
+        trigger(k)
+        wait_for(lambda: all((o, p, True) in mon.events for o in others), 60, f"{p} at every node", step=0.05)
+        arr = [mon.events[(o, p, True)] - t0 for o in others]
+        res["add_all"].append(max(arr))
+        res["add_each"] += arr
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        untrigger(k)
+        wait_for(lambda: all((o, p, False) in mon.events for o in others), 60, f"{p} gone everywhere", step=0.05)
+        res["del_all"].append(max(mon.events[(o, p, False)] - t0 for o in others))
+        time.sleep(0.5)
+    return res
+
+
+def run_agents(n: int, reps: int, idle: float) -> tuple[dict, dict]:
+    lab = LatencyLab(make_nodes(n, "agent"), hold_time=30, gr_time=60)
+    lab.extra = {}
+    mon = None
+    try:
+        lab.build().start()
+        wait_for(lab.converged, 300, "the agent mesh to converge", step=0.5)
+        time.sleep(3)
+        mon = Monitors(lab.nodes, "80")
+        src = lab.nodes[0].name
+
+        def trigger(k: int) -> None:
+            lab.extra = {src: [event_prefix(k)]}
+            lab.write_cluster()
+
+        def untrigger(k: int) -> None:
+            lab.extra = {}
+            lab.write_cluster()
+
+        res = measure(lab, mon, reps, trigger, untrigger)
+        cpu = idle_cpu(lab.nodes, idle)
+        return res, cpu
+    except BaseException:
+        for node in lab.nodes:
+            print(f"--- {node.name}\n{lab.routes(node)}\n{lab.log_tail(node, 20)}", file=sys.stderr)
+        raise
+    finally:
+        if mon:
+            mon.close()
+        lab.close()
+
+
+BIRD_CONF = """router id {me};
+protocol device {{ }}
+protocol direct {{ ipv4; interface "eth1"; }}
+protocol kernel {{
+  learn;
+  ipv4 {{ import all; export filter {{ if source = RTS_BGP then accept; reject; }}; }};
+}}
+protocol static pod {{ ipv4; route {pod} blackhole; }}
+{events}
+template bgp mesh {{
+  local {me} as 64512;
+  ipv4 {{ import all; export filter {{ if source = RTS_STATIC then accept; reject; }}; next hop self; }};
+}}
+{neighbors}
+"""
+
+
+def run_bird(n: int, reps: int, idle: float) -> tuple[dict, dict]:
+    lab = MeshLab(make_nodes(n, "bird"))
+    mon = None
+    socks: dict[str, Path] = {}
+    try:
+        lab.build()
+        for i, node in enumerate(lab.nodes):
+            events = "".join(f"protocol static ev{k} {{ disabled; ipv4; route {event_prefix(k)} blackhole; }}\n"
+                             for k in range(reps)) if i == 0 else ""
+            neighbors = "".join(f"protocol bgp {m.name} from mesh {{ neighbor {m.address} as 64512; }}\n"
+                                for m in lab.nodes if m is not node)
+            conf = lab.workdir / f"{node.name}.bird.conf"
+            conf.write_text(BIRD_CONF.format(me=node.address, pod=node.pod_cidr, events=events, neighbors=neighbors))
+            socks[node.name] = lab.workdir / f"{node.name}.ctl"
+            lab.extra_procs.append(subprocess.Popen(
+                ["ip", "netns", "exec", node.ns, "bird", "-f", "-c", str(conf), "-s", str(socks[node.name])],
+                stdout=subprocess.DEVNULL, stderr=open(lab.workdir / f"{node.name}.bird.log", "wb")))
+
+        def bird_converged() -> bool:
+            for node in lab.nodes:
+                text = sh(f"ip -n {node.ns} route show proto bird").stdout
+                if any(m.pod_cidr not in text for m in lab.nodes if m is not node):
+                    return False
+            return True
+
+        wait_for(bird_converged, 300, "the BIRD mesh to converge", step=0.5)
+        time.sleep(3)
+        mon = Monitors(lab.nodes, "bird")
+        sock = socks[lab.nodes[0].name]
+
+        def birdc(*args: str) -> None:
+            subprocess.run(["birdc", "-s", str(sock), *args], check=True, capture_output=True)
+
+        res = measure(lab, mon, reps, lambda k: birdc("enable", f"ev{k}"), lambda k: birdc("disable", f"ev{k}"))
+        cpu = idle_cpu(lab.nodes, idle)
+        return res, cpu
+    finally:
+        if mon:
+            mon.close()
+        lab.close()
+
+
+def summary(name: str, res: dict) -> str:
+    a, e, d = res["add_all"], res["add_each"], res["del_all"]
+    return (f"  {name:7s} announce->all: p50 {statistics.median(a) * 1e3:7.1f} ms  p90 {pct(a, 0.9) * 1e3:7.1f} ms"
+            f"   (each node p50 {statistics.median(e) * 1e3:6.1f} ms)   withdraw->all: p50 "
+            f"{statistics.median(d) * 1e3:7.1f} ms  p90 {pct(d, 0.9) * 1e3:7.1f} ms")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nodes", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--idle", type=float, default=30.0)
+    ap.add_argument("--only", default="bird,agents")
+    a = ap.parse_args()
+    results: dict[str, tuple[dict, dict]] = {}
+    for kind in a.only.split(","):
+        results[kind] = (run_agents if kind == "agents" else run_bird)(a.nodes, a.reps, a.idle)
+        print(f"  {kind} done", flush=True)
+    print(f"{a.nodes}-node mesh, {a.reps} events from node 1 (time until every other node's kernel has it)")
+    for kind, (res, _) in results.items():
+        print(summary(kind, res))
+    if "bird" in results and "agents" in results:
+        ra, rb = results["agents"][0], results["bird"][0]
+        print(f"  ratio agents/BIRD: announce p50 {statistics.median(ra['add_all']) / statistics.median(rb['add_all']):.2f}x"
+              f", p90 {pct(ra['add_all'], 0.9) / pct(rb['add_all'], 0.9):.2f}x; withdraw p50 "
+              f"{statistics.median(ra['del_all']) / statistics.median(rb['del_all']):.2f}x")
+    print(f"idle CPU over {a.idle:.0f} s, all {a.nodes} nodes together (CPU seconds by process)")
+    for kind, (_, cpu) in results.items():
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])) or "none"
+        print(f"  {kind:7s} total {sum(cpu.values()):.2f} s = {100 * sum(cpu.values()) / a.idle:.1f}% of one CPU"
+              f"  ({parts})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
