@@ -61,6 +61,9 @@ class Agent:
         self._eor_seen: set[str] = set()
         self._next_resync = 0.0
         self._neighbors: list[Neighbor] = []
+        self._svc_anns: dict = {}
+        self._svc_anns_stale = True
+        self._svc_anns_for: list[Neighbor] | None = None
         self._last_plan: RoutePlan | None = None
         self._warnings: list[str] = []
         self._errors: list[str] = []
@@ -241,6 +244,8 @@ class Agent:
         me = nodes.get(self.cfg.node.name)
         pod_cidrs = local_pod_cidrs(self.cfg, me)
 
+        if changes.full or changes.of("Service") or changes.of("EndpointSlice"):
+            self._svc_anns_stale = True
         neighbors = await self._sync_bgp(nodes, pod_cidrs)
         await self._sync_routes(full, pod_cidrs, nodes, neighbors)
         if self.services is not None:
@@ -270,6 +275,7 @@ class Agent:
                      ", ".join(f"{p.cidr} {p.ipip_mode.value}" for p in cfg.pools) or "none")
             self.cfg = cfg
             self.import_filter = ImportFilter(cfg)
+            self._svc_anns_stale = True
 
     async def _sync_bgp(self, nodes: dict[str, NodeInfo], pod_cidrs: list[ipaddress.IPv4Network]) -> list[Neighbor]:
         neighbors, problems = desired_neighbors(self.cfg, nodes)
@@ -288,8 +294,12 @@ class Agent:
                 if peer not in current and self.rib.forget(peer):
                     log.info("peer %s removed from config: its routes are withdrawn", peer)
         anns = desired_announcements(self.cfg, pod_cidrs, neighbors)
-        anns.update(service_announcements(self.cfg, self.store.snapshot("Service"),
-                                          self.store.snapshot("EndpointSlice"), neighbors))
+        if self._svc_anns_stale or neighbors != self._svc_anns_for:
+            # O(services): only when services, endpoints or neighbors changed, not every sync.
+            self._svc_anns = service_announcements(self.cfg, self.store.snapshot("Service"),
+                                                   self.store.snapshot("EndpointSlice"), neighbors)
+            self._svc_anns_stale, self._svc_anns_for = False, neighbors
+        anns.update(self._svc_anns)
         await self.speaker.set_announcements(
             {p: Announcement(a.prefix, a.next_hop, a.communities, neighbors=a.neighbors) for p, a in anns.items()})
         return neighbors

@@ -142,3 +142,26 @@ def test_plan_and_explain_on_a_converged_node(lab: MeshLab) -> None:
     assert ex.returncode == 0, ex.stderr
     assert "learned 10.244.3.0/24 from b1 (next hop 10.0.2.21): accepted" in ex.stdout, ex.stdout
     assert "another subnet" in ex.stdout and "IPIP via tunl0" in ex.stdout
+
+
+def test_node_joining_and_leaving_does_not_reset_other_sessions(lab: MeshLab) -> None:
+    a1 = lab.node("a1")
+
+    def sessions() -> dict[str, tuple]:
+        return {p["name"]: (p["state"], p.get("established_count"), p.get("since"))
+                for p in lab.status(a1).get("peers", [])}
+
+    before = sessions()
+    assert all(v[0] == "established" for v in before.values()) and len(before) == 3
+    doc = lab.cluster_doc()
+    doc["nodes"].append({"name": "c9", "address": "10.0.1.99", "podCIDRs": ["10.244.99.0/24"]})
+    import yaml
+    (lab.workdir / ".cluster.yaml").write_text(yaml.safe_dump(doc))
+    (lab.workdir / ".cluster.yaml").replace(lab.workdir / "cluster.yaml")
+    wait_for(lambda: "c9" in sessions(), 20, "a1 to configure a neighbor for the new node")
+    after_join = sessions()
+    assert {k: v for k, v in after_join.items() if k != "c9"} == before, (before, after_join)
+    lab.write_cluster()  # c9 leaves again
+    wait_for(lambda: "c9" not in sessions(), 20, "a1 to drop the neighbor of the removed node")
+    assert sessions() == before
+    assert lab.ping(a1, lab.node("b2"))
