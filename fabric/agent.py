@@ -35,6 +35,7 @@ from ipip.kernel import FactsError, KernelView, RouteKernel, set_sysctl
 from ipip.model import Route, RoutePlan, desired_routes, diff_routes, same_subnet_network
 
 log = logging.getLogger("fabric.agent")
+WAITING_FOR_SOURCE = "waiting for the first complete list from the Kubernetes API; the dataplane is left as it is"
 
 
 class Agent:
@@ -207,8 +208,14 @@ class Agent:
         self._view = KernelView(facts, view.kernel_prefix, view.owned, view.ifindex, view.ifname, view.tunnel)
         self._owned = dict(view.owned)
 
+    def _source_synced(self) -> bool:
+        synced = getattr(self.source, "synced", None)  # the file source loads before the first sync
+        return bool(synced()) if synced is not None else True
+
     def _next_deadline(self) -> float:
         now = time.monotonic()
+        if not self._source_synced():
+            return now + self.cfg.timers.resync_interval  # the Store wakes us when the lists complete
         deadlines = [self._next_resync]
         if self._view is None:
             # Start-up only: the node address is not on any interface yet (e.g. containerlab runs the
@@ -228,6 +235,17 @@ class Agent:
     # ------------------------------------------------------------------------------------------
     async def _sync(self) -> None:
         now = time.monotonic()
+        if not self._source_synced():
+            # Until every kind was listed once, an empty Store means "not known yet", not "no objects":
+            # acting on it would remove every service (and, after the hold, every route) of an agent
+            # restarted while the API server is down. Adopted routes stay held for a full
+            # graceful-restart time counted from the first complete list.
+            if self._adopted:
+                self._hold_until = now + max(1, self.cfg.timers.graceful_restart_time)
+            self._ready = False
+            self._warnings = [WAITING_FOR_SOURCE]
+            self._write_status()
+            return
         full = now >= self._next_resync
         if full:
             self._next_resync = now + self.cfg.timers.resync_interval
@@ -426,6 +444,9 @@ class _ThreadSourceAdapter:
     @property
     def problems(self) -> list[str]:
         return list(getattr(self.src, "problems", []) or [])
+
+    def synced(self) -> bool:
+        return bool(self.src.synced())
 
     def stop(self, loop: asyncio.AbstractEventLoop) -> None:
         self.src.stop()

@@ -9,7 +9,8 @@ reachable by the clients under test. Endpoints (JSON bodies and answers):
   POST /drop-watches    cut every open watch mid-stream
   POST /expire-watches  compact history and end every watch with ERROR 410
   GET  /events          the Events clients POSTed
-  GET  /stats           {"resourceVersion", "watchers": {kind: n}, "lists": {kind: n}}
+  GET  /stats           {"resourceVersion", "watchers": {kind: open watches}, "lists": {kind: lists served},
+                         "watches": {kind: watch requests so far}}
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class _ControlHandler(BaseHTTPRequestHandler):
         if self.path == "/stats":
             return self._reply(200, {"resourceVersion": fake.resource_version,
                                      "watchers": {k: fake.watchers(k) for k in RESOURCES},
-                                     "lists": {k: fake.lists(k) for k in RESOURCES}})
+                                     "lists": {k: fake.lists(k) for k in RESOURCES},
+                                     "watches": {k: len(fake.requests_for(k, watch=True)) for k in RESOURCES}})
         self._reply(404, {"error": f"no such endpoint {self.path}"})
 
     def do_POST(self) -> None:
