@@ -38,6 +38,10 @@ log = logging.getLogger("fabric.agent")
 WAITING_FOR_SOURCE = "waiting for the first complete list from the Kubernetes API; the dataplane is left as it is"
 
 
+class StartError(Exception):
+    """The agent can't start (e.g. no Kubernetes API credentials); the message names the config field."""
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig, config_path: Path, *, speaker_factory=None, service_proxy_factory=None):
         self.base_cfg = cfg
@@ -87,7 +91,11 @@ class Agent:
         self.store.set_on_change(lambda: loop.call_soon_threadsafe(self._wake.set))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop)
-        self._start_source(loop)
+        try:
+            self._start_source(loop)
+        except StartError as e:
+            log.error("%s", e)
+            return 2  # as for a bad config file
         await self._kernel(self._kernel_init)
         self._start_speaker()
         if self.speaker is not None:
@@ -140,9 +148,12 @@ class Agent:
             self.source = FileSource(self.store, self._path(src.path))
             self.source.start(loop)
         else:
-            from fabric.sources.kubernetes import KubernetesSource
+            from fabric.sources.kubernetes import KubernetesSource, SourceError
 
-            ks = KubernetesSource(self.store, src)
+            try:
+                ks = KubernetesSource(self.store, src)
+            except SourceError as e:  # names the config field (source.kubeconfig); no traceback
+                raise StartError(str(e)) from None
             ks.start()
             self.source = _ThreadSourceAdapter(ks)
 

@@ -243,9 +243,14 @@ def test_node_object_makes_every_agent_peer_and_route(lab: K8sLab) -> None:
     a1, a2, b1 = lab.node("a1"), lab.node("a2"), lab.node("b1")
     assert a2.pod_cidr not in lab.routes(a1) + lab.routes(b1)
     assert "a2" not in lab.established(a1)
-    lab.control.apply("Node", k8s_node(a2))
-    wait_for(lambda: all(routed(lab, n, m) for n in lab.nodes for m in lab.nodes if m is not n), CONVERGE,
-             "every agent to route every node's pod CIDR (a2 included)")
+    monitor = RouteMonitor(lab)  # proves the monitor sees our route changes (later tests expect none)
+    try:
+        lab.control.apply("Node", k8s_node(a2))
+        wait_for(lambda: all(routed(lab, n, m) for n in lab.nodes for m in lab.nodes if m is not n), CONVERGE,
+                 "every agent to route every node's pod CIDR (a2 included)")
+    finally:
+        seen = monitor.stop()
+    assert any(line.startswith(f"{a2.pod_cidr} via {a2.address} dev eth1") for line in seen["a1"]), seen
     wait_for(lambda: all(lab.established(n) == {m.name for m in lab.nodes if m is not n} for n in lab.nodes), 30,
              "every agent's status to show its sessions to the two others established")
     # a2's own pod CIDR came from its Node object: it blackholes the unused part of it
