@@ -348,7 +348,8 @@ class Agent:
             self._errors = [e for e in self._errors if "no interface holds" not in e]
         assert self._view is not None and self._owned is not None
         kinds = {n.name: n.kind for n in neighbors}
-        learned, rejections = self.import_filter.filter(self.rib.routes(), kinds, nodes, pod_cidrs)
+        ibgp = [n.name for n in neighbors if n.kind == "external" and n.peer_as == n.local_as]
+        learned, rejections = self.import_filter.filter(self.rib.routes(), kinds, nodes, pod_cidrs, ibgp)
         for r in rejections:
             log.warning("import rejected: %s", r)
         plan = desired_routes(facts=self._view.facts, pools=list(self.cfg.pools), local_pod_cidrs=pod_cidrs,

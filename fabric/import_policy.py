@@ -1,6 +1,11 @@
-"""Applies bgp.policy to everything the RIB holds, per peer: mesh rules or the peer's own filter.
+"""Applies bgp.policy to everything the RIB holds, per peer. Pure apart from remembering which
+rejections were already logged (each is logged once).
 
-Pure apart from remembering which rejections were already logged (each is logged once).
+Where pod routes may come from: a prefix inside an enabled pool is a pod route and is judged by the
+mesh rules when it comes from a mesh node or from an iBGP peer in our ASN (a route reflector: it keeps
+the original next hop). An eBGP peer offering a pool prefix is sending our own routes back (the AS-path
+loop a router would drop; ExaBGP does no loop detection): rejected. Every other prefix from an
+external peer goes through that peer's import filter and maxPrefixes.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
-from bgp.policy import ExternalImportPolicy, MeshImportPolicy, RejectionLog
+from bgp.policy import ExternalImportPolicy, MeshImportPolicy, Rejection, RejectionLog
 from fabric.config import AgentConfig
 from fabric.inputs import NodeInfo
 
@@ -24,8 +29,10 @@ class ImportFilter:
 
     def filter(self, routes: Mapping[ipaddress.IPv4Network, Iterable[tuple[str, ipaddress.IPv4Address]]],
                kinds: Mapping[str, str], nodes: Mapping[str, NodeInfo],
-               own_pod_cidrs: Iterable[ipaddress.IPv4Network]) -> tuple[Learned, list[str]]:
-        """Accepted routes, and the rejections not logged before ("peer P: prefix: reason")."""
+               own_pod_cidrs: Iterable[ipaddress.IPv4Network],
+               ibgp: Iterable[str] = ()) -> tuple[Learned, list[str]]:
+        """Accepted routes, and the rejections not logged before ("peer P: prefix: reason").
+        `kinds`: neighbor name -> "mesh" | "external"; `ibgp`: external neighbors in our own ASN."""
         node_addrs = tuple(sorted({n.address for n in nodes.values()} | {self.cfg.node.address.ip}))
         mesh = MeshImportPolicy(tuple(self.cfg.pools), tuple(own_pod_cidrs), node_addrs)
         peers_cfg = {p.name: p for p in self.cfg.peers}
@@ -33,6 +40,7 @@ class ImportFilter:
         for prefix, holders in routes.items():
             for peer, nh in holders:
                 by_peer[peer][prefix] = nh
+        ibgp_set = set(ibgp)
         out: Learned = defaultdict(set)
         fresh: list[str] = []
         active: list[str] = []
@@ -43,16 +51,27 @@ class ImportFilter:
             if kind == "mesh":
                 accepted, rejected = mesh.filter(prefixes)
             else:
+                pods = [p for p in prefixes if self._in_pool(p)]
+                other = [p for p in prefixes if not self._in_pool(p)]
+                if peer in ibgp_set:
+                    accepted, rejected = mesh.filter(pods)
+                else:
+                    accepted, rejected = [], [Rejection(p, "pod CIDR from an eBGP peer (our own routes coming "
+                                                           "back; pod routes come from the cluster)") for p in pods]
                 pc = peers_cfg.get(peer)
                 policy = ExternalImportPolicy(pc.import_filter if pc else None, pc.max_prefixes if pc else None,
                                               node_addrs)
-                accepted, rejected = policy.filter(prefixes)
+                acc2, rej2 = policy.filter(other)
+                accepted, rejected = accepted + acc2, rejected + rej2
             for p in accepted:
                 out[p].add((peer, prefixes[p]))
             active += [f"import from {peer} rejected {r.prefix}: {r.reason}" for r in rejected]
             fresh += [f"peer {peer}: {r.prefix}: {r.reason}" for r in self._log.new(peer, rejected)]
         self._active = active
         return dict(out), fresh
+
+    def _in_pool(self, prefix: ipaddress.IPv4Network) -> bool:
+        return any(not p.disabled and prefix.subnet_of(p.cidr) for p in self.cfg.pools)
 
     def active_rejections(self) -> list[str]:
         return list(self._active)

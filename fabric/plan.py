@@ -54,7 +54,8 @@ def compute(cfg: AgentConfig, config_path: Path) -> dict[str, Any]:
     pods = local_pod_cidrs(cfg, me)
     neighbors, problems = desired_neighbors(cfg, nodes)
     kinds = {n.name: n.kind for n in neighbors}
-    learned, _ = ImportFilter(cfg).filter(learned_raw, kinds, nodes, pods)
+    ibgp = [n.name for n in neighbors if n.kind == "external" and n.peer_as == n.local_as]
+    learned, _ = ImportFilter(cfg).filter(learned_raw, kinds, nodes, pods, ibgp)
     dp = cfg.dataplane
     rk = RouteKernel(proto=dp.route_protocol, table=dp.route_table, tunnel_device=dp.tunnel_device)
     try:

@@ -74,6 +74,7 @@ class MeshLab:
     pod_mtu: int = 1480
     namespaces: list[str] = field(default_factory=list)
     extra_procs: list[subprocess.Popen] = field(default_factory=list)
+    agent_overrides: Callable[[Node], dict] | None = None  # merged over each agent's config
 
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
@@ -147,6 +148,8 @@ class MeshLab:
             "source": {"kind": "file", "path": "cluster.yaml"},
             "paths": {"runDir": f"run-{n.name}"},
         }
+        if self.agent_overrides is not None:
+            doc.update(self.agent_overrides(n))
         self.config_path(n).write_text(yaml.safe_dump(doc))
 
     # -- agents ------------------------------------------------------------------------------

@@ -105,3 +105,17 @@ def test_import_filter_mesh_and_external_rules_and_log_once() -> None:
     again, fresh2 = f.filter(routes, kinds, NODES, [N("10.244.1.0/24")])
     assert again == learned and fresh2 == []            # logged once
     assert len(f.active_rejections()) == 6               # but still listed in status
+
+
+def test_pod_routes_only_from_the_cluster_ibgp_rr_yes_ebgp_no() -> None:
+    c = make_cfg(peers=[{"name": "rr", "address": "10.0.1.1", "asn": 64512, "import": {"allow": ["10.0.9.0/24"]}},
+                        {"name": "tor", "address": "10.0.1.2", "asn": 65000}])
+    f = ImportFilter(c)
+    kinds = {"rr": "external", "tor": "external"}
+    routes = {N("10.244.3.0/24"): {("rr", A("10.0.2.21")), ("tor", A("10.0.1.2"))},
+              N("10.0.9.0/24"): {("rr", A("10.0.1.1"))},
+              N("10.244.1.0/24"): {("rr", A("10.0.1.11"))}}   # our own, reflected back
+    learned, fresh = f.filter(routes, kinds, NODES, [N("10.244.1.0/24")], ibgp=["rr"])
+    assert learned == {N("10.244.3.0/24"): {("rr", A("10.0.2.21"))}, N("10.0.9.0/24"): {("rr", A("10.0.1.1"))}}
+    assert any("tor: 10.244.3.0/24" in x and "eBGP" in x for x in fresh)
+    assert any("rr: 10.244.1.0/24" in x and "pod CIDR" in x for x in fresh)
