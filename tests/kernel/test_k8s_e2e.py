@@ -179,6 +179,14 @@ class RouteMonitor:
                 p = subprocess.Popen(["ip", "-n", n.ns, "monitor", "route"], stdout=f, stderr=subprocess.STDOUT)
             self.procs.append(p)
             lab.extra_procs.append(p)
+        # Subscribed yet? A route that is not ours (proto 81, a blackhole: no traffic) must show up.
+        def probe() -> bool:
+            for n in lab.nodes:
+                if "192.0.2.1" not in self.files[n.name].read_text():
+                    sh(f"ip -n {n.ns} route add blackhole 192.0.2.1/32 proto 81; "
+                       f"ip -n {n.ns} route del blackhole 192.0.2.1/32 proto 81")
+            return all("192.0.2.1" in f.read_text() for f in self.files.values())
+        wait_for(probe, 10, "every route monitor to be listening", step=0.3)
 
     def stop(self) -> dict[str, list[str]]:
         """Lines about our routes (proto 80) seen per node."""
