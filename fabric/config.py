@@ -9,6 +9,7 @@ for labs, or the Kubernetes API). Validation errors are reported one line per pr
 from __future__ import annotations
 
 import ipaddress
+import json
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -17,6 +18,9 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 from pydantic.alias_generators import to_camel
+
+# libyaml's C loader when PyYAML has it (cluster files with thousands of services re-parse on change).
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 PRIVATE_ASN_RANGES = ((64512, 65534), (4200000000, 4294967294))
 
@@ -291,8 +295,14 @@ def load_yaml(path: str | Path) -> Any:
         text = Path(path).read_text()
     except OSError as e:
         raise ConfigError([f"(file): cannot read {path}: {e.strerror or e}"], str(path)) from None
+    if text.lstrip().startswith("{"):
+        # JSON is YAML; parsed as JSON it is ~20x faster (big generated cluster files in labs).
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass  # not strict JSON after all: let YAML parse it (and report errors)
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
