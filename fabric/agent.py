@@ -21,6 +21,7 @@ from typing import Any
 from bgp.announce import Announcement
 from bgp.events import BgpEvent, EndOfRib, PeerDown, PeerUp, SpeakerRestarted
 from bgp.exabgp_config import Neighbor, NeighborError
+from bgp.speaker import Speaker, SpeakerError
 from bgp.rib import Rib
 from fabric import status as status_mod
 from fabric.bgp_desired import (desired_announcements, desired_neighbors, local_pod_cidrs,
@@ -72,6 +73,8 @@ class Agent:
         self._last_plan: RoutePlan | None = None
         self._warnings: list[str] = []
         self._errors: list[str] = []
+        self._service_error: str | None = None
+        self._facts_warning: str | None = None
         self._ready = False
         self._synced_once = False
         self.speaker: Any = None
@@ -102,7 +105,12 @@ class Agent:
             # ExaBGP starts with the neighbors already in its config (no empty start + reload).
             nodes = self.store.snapshot("Node")
             await self._sync_bgp(nodes, local_pod_cidrs(self.cfg, nodes.get(self.cfg.node.name)))
-            await self.speaker.start()
+            try:
+                await self.speaker.start()
+            except SpeakerError as e:  # names paths.exabgp / paths.runDir; routes stay untouched
+                log.error("%s", e)
+                await self._shutdown(loop)
+                return 2
         if self.cfg.health.listen:
             self.health = HealthServer(self.cfg.health.listen, self._health)
             await self.health.start()
@@ -161,8 +169,6 @@ class Agent:
         if self._speaker_factory is not None:
             self.speaker = self._speaker_factory(self.run_dir, self._on_bgp_event)
             return
-        from bgp.speaker import Speaker
-
         exabgp = self.cfg.paths.exabgp
         self.speaker = Speaker(self.run_dir, self._on_bgp_event, exabgp=exabgp)
 
@@ -176,7 +182,8 @@ class Agent:
             log.info("peer %s (%s) established, graceful restart time %s", ev.peer, ev.address, ev.gr_time)
         if isinstance(ev, PeerDown):
             log.warning("peer %s (%s) down: %s (%s)", ev.peer, ev.address, ev.reason,
-                        "routes kept for its restart time" if ev.graceful else "routes removed")
+                        "graceful: its routes are kept for the restart time it advertised, if any"
+                        if ev.graceful else "its routes are removed")
         if self.rib.apply(ev, now) or isinstance(ev, (PeerUp, PeerDown, EndOfRib)):
             self._wake.set()
 
@@ -212,8 +219,9 @@ class Agent:
 
     def _set_view(self, view: KernelView) -> None:
         net, warn = same_subnet_network(view.kernel_prefix, self.cfg.node.address)
-        if warn:
-            self._warnings.append(warn)
+        if warn and warn != self._facts_warning:
+            log.warning("%s", warn)
+        self._facts_warning = warn
         facts = view.facts if net == view.facts.network else type(view.facts)(
             view.facts.address, net, view.facts.device, view.facts.mtu, view.facts.routes)
         self._view = KernelView(facts, view.kernel_prefix, view.owned, view.ifindex, view.ifname, view.tunnel)
@@ -265,7 +273,7 @@ class Agent:
         if changes.full or changes.of("IPPool") or changes.of("BGPPeer") or changes.of("BGPConfiguration"):
             await self._refresh_config()
         self.rib.expire(now)
-        self._warnings = list(self._cfg_problems)
+        self._warnings = list(self._cfg_problems) + ([self._facts_warning] if self._facts_warning else [])
         if self.source is not None and getattr(self.source, "problems", None):
             self._warnings += list(self.source.problems)
 
@@ -280,9 +288,11 @@ class Agent:
         if self.services is not None:
             try:
                 await self._kernel(self.services.sync, self.store, changes, full)
-            except Exception as e:  # one bad service must not stop routing
-                log.exception("service sync failed")
-                self._errors.append(f"services: {e}")
+                self._service_error = None
+            except Exception as e:  # a failing service proxy must not stop routing
+                if self._service_error != str(e):
+                    log.exception("service sync failed")
+                self._service_error = str(e)
         self._synced_once = True
         self._ready = self._view is not None
         self._write_status()
@@ -437,7 +447,7 @@ class Agent:
             "adoptedHold": self._hold_until is not None,
             "services": svc,
             "warnings": sorted(set(self._warnings)),
-            "errors": sorted(set(self._errors)),
+            "errors": sorted(set(self._errors) | ({f"services: {self._service_error}"} if self._service_error else set())),
         }
 
     def _write_status(self) -> None:
