@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -182,7 +184,7 @@ def one(kind: str, n: int) -> tuple[float, float]:
         time.sleep(2)  # let start-up work (config, first syncs) finish; not part of what we time
         mon = Monitor(pair.rcv, PROTO[kind], wanted)
         time.sleep(0.3)  # the monitor subscribed
-        t0 = time.monotonic()
+        t0, t0_wall = time.monotonic(), time.time()
         pair.birdc(pair.snd_sock, "enable", "feed")
         deadline = t0 + 600
         while True:
@@ -194,6 +196,13 @@ def one(kind: str, n: int) -> tuple[float, float]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{kind}: only {pair.count(PROTO[kind], wanted)} of {n} routes after 600 s")
         mon.close()
+        if kind == "agent":
+            # How many syncs the agent needed (each one re-runs the import filter and model over every route).
+            log = (pair.dir / "agent.log").read_text(errors="replace")
+            syncs = [(datetime.strptime(ts, "%Y-%m-%d %H:%M:%S,%f").timestamp() - t0_wall, int(k)) for ts, k in
+                     re.findall(r"^(\S+ \S+) .*routes: \d+ deleted, (\d+) replaced", log, re.M)]
+            print("  (agent: route syncs after the feed started, (seconds when logged, routes written): "
+                  + ", ".join(f"({t:.2f}, {k})" for t, k in syncs if t > 0) + ")")
         if len(mon.seen) < n:
             print(f"  ({kind}: ip monitor saw {len(mon.seen)} of {n}; the kernel has all: last event time used)")
         times = sorted(mon.seen.values())

@@ -265,12 +265,17 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--idle", type=float, default=30.0)
     ap.add_argument("--only", default="bird,agents")
+    ap.add_argument("--exabgp-speed", help="experiment: exabgp.reactor.speed for the agents' ExaBGP (idle poll "
+                    "timeout = speed x 10 ms; ExaBGP's default 1.0); passed through the environment")
     a = ap.parse_args()
+    if a.exabgp_speed:
+        os.environ["exabgp_reactor_speed"] = a.exabgp_speed  # the agent hands its environment to ExaBGP
     results: dict[str, tuple[dict, dict]] = {}
     for kind in a.only.split(","):
         results[kind] = (run_agents if kind == "agents" else run_bird)(a.nodes, a.reps, a.idle)
         print(f"  {kind} done", flush=True)
-    print(f"{a.nodes}-node mesh, {a.reps} events from node 1 (time until every other node's kernel has it)")
+    print(f"{a.nodes}-node mesh, {a.reps} events from node 1 (time until every other node's kernel has it)"
+          + (f"; agents' ExaBGP with reactor.speed {a.exabgp_speed}" if a.exabgp_speed else ""))
     for kind, (res, _) in results.items():
         print(summary(kind, res))
     if "bird" in results and "agents" in results:

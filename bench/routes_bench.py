@@ -193,19 +193,44 @@ def inner(args: argparse.Namespace) -> int:
                            ("ip", t6 - t5)):
                 steps[key].append(v)
         meds[size] = {k: statistics.median(v) for k, v in steps.items()}
+        small = subprocess.run([sys.executable, os.path.abspath(__file__), "--one-write", str(size)],
+                               capture_output=True, text=True, check=True).stdout
+        meds[size]["small"] = float(small) / 1e3
         our_sync({})
     print(f"one route change with N routes present (median of {args.changes}, ms)")
-    print(f"  {'N':>6s} {'filter':>8s} {'model':>8s} {'diff':>8s} {'pure sum':>9s} {'netlink':>8s} {'ip route':>9s}")
+    print(f"  {'N':>6s} {'filter':>8s} {'model':>8s} {'diff':>8s} {'pure sum':>9s} {'netlink':>8s} {'netlink*':>9s} {'ip route':>9s}")
     for size, m in meds.items():
         pure = m["filter"] + m["model"] + m["diff"]
         print(f"  {size:6d} {m['filter'] * 1e3:8.2f} {m['model'] * 1e3:8.2f} {m['diff'] * 1e3:8.2f} {pure * 1e3:9.2f}"
-              f" {m['apply'] * 1e3:8.3f} {m['ip'] * 1e3:9.2f}")
+              f" {m['apply'] * 1e3:8.3f} {m['small'] * 1e3:9.3f} {m['ip'] * 1e3:9.2f}")
     first, last = meds[sizes[0]], meds[sizes[-1]]
     pf = first["filter"] + first["model"] + first["diff"]
     pl = last["filter"] + last["model"] + last["diff"]
-    print(f"  {sizes[-1]} vs {sizes[0]} routes: kernel write {last['apply'] / first['apply']:.2f}x, "
+    print("  (netlink* = the same RouteWriter write in a small separate process, 200 writes: no model heap;"
+          " ip route = one `ip route replace` process)")
+    print(f"  {sizes[-1]} vs {sizes[0]} routes: kernel write {last['apply'] / first['apply']:.2f}x "
+          f"(small process {last['small'] / first['small']:.2f}x), "
           f"pure part {pl / pf:.1f}x")
     rk.close()
+    return 0
+
+
+def one_write(size: int, count: int = 200) -> int:
+    """Median of `count` single-route writes in a small process (no model heap) with `size` routes present."""
+    from ipip.model import NextHop, Route
+    from ipip.netlink_batch import RouteWriter
+
+    ifindex = {"eth1": int(Path("/sys/class/net/eth1/ifindex").read_text())}
+    w = RouteWriter(PROTO, TABLE)
+    times = []
+    for c in range(count):
+        r = Route(prefixes(size)[(c * 7919) % size], "unicast",
+                  (NextHop(ipaddress.IPv4Address("10.0.1.13" if c % 2 else "10.0.1.12"), "eth1"),))
+        t = time.perf_counter()
+        errs = w.apply([("replace", r)], ifindex)
+        times.append(time.perf_counter() - t)
+        assert not errs, errs
+    print(f"{statistics.median(times) * 1e3:.3f}")
     return 0
 
 
@@ -218,7 +243,10 @@ def main() -> int:
     ap.add_argument("--sizes", default="100,1000,10000")
     ap.add_argument("--changes", type=int, default=20)
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--one-write", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.one_write:
+        return one_write(args.one_write)
     if args.inner:
         return inner(args)
     ns = f"rtbench-{uuid.uuid4().hex[:6]}"
