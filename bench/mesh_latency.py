@@ -142,7 +142,7 @@ def measure(lab: MeshLab, mon: Monitors, reps: int, trigger, untrigger) -> dict[
     """Per repetition: seconds until the last other node has the prefix, and until it is gone again."""
     src = lab.nodes[0]
     others = [n.name for n in lab.nodes[1:]]
-    res: dict[str, list[float]] = {"add_all": [], "add_each": [], "del_all": []}
+    res: dict[str, list[float]] = {"add_all": [], "add_each": [], "del_all": [], "src": [], "src_to_all": []}
     for k in range(reps):
         p = event_prefix(k)
         mon.clear()
@@ -152,6 +152,9 @@ def measure(lab: MeshLab, mon: Monitors, reps: int, trigger, untrigger) -> dict[
         arr = [mon.events[(o, p, True)] - t0 for o in others]
         res["add_all"].append(max(arr))
         res["add_each"] += arr
+        if (src.name, p, True) in mon.events:  # agents: node 1's own blackhole for the new CIDR = its sync ran
+            res["src"].append(mon.events[(src.name, p, True)] - t0)
+            res["src_to_all"].append(max(arr) - res["src"][-1])
         time.sleep(0.5)
         t0 = time.monotonic()
         untrigger(k)
@@ -256,7 +259,11 @@ def summary(name: str, res: dict) -> str:
     a, e, d = res["add_all"], res["add_each"], res["del_all"]
     return (f"  {name:7s} announce->all: p50 {statistics.median(a) * 1e3:7.1f} ms  p90 {pct(a, 0.9) * 1e3:7.1f} ms"
             f"   (each node p50 {statistics.median(e) * 1e3:6.1f} ms)   withdraw->all: p50 "
-            f"{statistics.median(d) * 1e3:7.1f} ms  p90 {pct(d, 0.9) * 1e3:7.1f} ms")
+            f"{statistics.median(d) * 1e3:7.1f} ms  p90 {pct(d, 0.9) * 1e3:7.1f} ms"
+            + (f"\n          of which file edit -> node 1 synced (its own blackhole route): p50 "
+               f"{statistics.median(res['src']) * 1e3:.1f} ms; node 1 synced -> all others: p50 "
+               f"{statistics.median(res['src_to_all']) * 1e3:.1f} ms  p90 {pct(res['src_to_all'], 0.9) * 1e3:.1f} ms"
+               if res["src"] else ""))
 
 
 def main() -> int:
