@@ -84,6 +84,7 @@ class Monitors:
             p = subprocess.Popen(["ip", "-n", n.ns, "monitor", "route"], stdout=subprocess.PIPE, text=True)
             self.procs.append(p)
             threading.Thread(target=self._read, args=(n.name, p), daemon=True).start()
+        time.sleep(1.0)  # let every `ip monitor` subscribe: BIRD propagates in ~20 ms, faster than ip starts
 
     def _read(self, name: str, p: subprocess.Popen) -> None:
         assert p.stdout is not None
