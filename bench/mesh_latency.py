@@ -149,7 +149,15 @@ def measure(lab: MeshLab, mon: Monitors, reps: int, trigger, untrigger) -> dict[
         mon.clear()
         t0 = time.monotonic()
         trigger(k)
-        wait_for(lambda: all((o, p, True) in mon.events for o in others), 60, f"{p} at every node", step=0.05)
+        try:
+            wait_for(lambda: all((o, p, True) in mon.events for o in others), 60, f"{p} at every node", step=0.05)
+        except AssertionError:
+            for node in lab.nodes[1:]:
+                if (node.name, p, True) not in mon.events:
+                    print(f"{node.name} did not report {p}; its kernel has: "
+                          f"{[ln for ln in sh(f'ip -n {node.ns} route').stdout.splitlines() if p in ln]}",
+                          file=sys.stderr)
+            raise
         arr = [mon.events[(o, p, True)] - t0 for o in others]
         res["add_all"].append(max(arr))
         res["add_each"] += arr
