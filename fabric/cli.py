@@ -30,18 +30,30 @@ def _lab_kernel(args: argparse.Namespace) -> int:
             ok, missing = labkernel.capable()
             print("this kernel has ipip, IPVS and dummy" if ok else f"this kernel lacks: {', '.join(missing)}")
             print(f"lab kernel cache: {labkernel.CACHE} ({'ready' if labkernel.uml_binary().exists() else 'absent'})")
+            from fabric import labvm
+
+            vm_ok, vm_missing = labvm.capable()
+            print("this kernel has IPv4 nftables NAT too" if vm_ok else
+                  f"nat tests need the lab VM (this kernel lacks: {', '.join(vm_missing)}); accel: {labvm.accel()}")
+            print(f"lab VM cache: {labvm.CACHE} ({'ready, ' + labvm.kernel_version() if labvm.ready() else 'absent'})")
             return 0
         if args.action == "prepare":
+            from fabric import labvm
+
             if labkernel.capable()[0]:
                 print("lab kernel: not needed (this kernel has ipip, IPVS and dummy)")
-                return 0
-            labkernel.ensure()
+            else:
+                labkernel.ensure()
+            if labvm.capable()[0]:
+                print("lab VM: not needed (this kernel has IPVS and IPv4 nftables NAT)")
+            else:
+                labvm.ensure()
             return 0
         command = args.command[1:] if args.command[:1] == ["--"] else args.command
         if not command:
             print("fabric lab-kernel run: give a command after --", file=sys.stderr)
             return 2
-        return labkernel.run(command, timeout=args.timeout).returncode
+        return labkernel.run(command, timeout=args.timeout, backend=args.backend).returncode
     except labkernel.LabKernelError as e:
         print(f"lab kernel: {e}", file=sys.stderr)
         return 1
@@ -151,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("action", choices=["status", "prepare", "run"])
     k.add_argument("command", nargs=argparse.REMAINDER)
     k.add_argument("--timeout", type=float, default=1800)
+    k.add_argument("--backend", choices=["uml", "vm"], default="uml",
+                   help="uml: user-mode Linux (default); vm: Debian's kernel in qemu, has IPv4 nftables NAT")
     k.set_defaults(func=_lab_kernel)
 
     lab = sub.add_parser("lab", help="containerlab-style labs built as namespaces")

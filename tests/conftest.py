@@ -1,9 +1,11 @@
-"""Kernel tests run where the kernel can do ipip/IPVS/dummy: here, or batched into one lab-kernel boot.
+"""Kernel tests run where the kernel can do what they need: here, or batched into one lab-kernel boot.
 
-Tests marked `kernel` need a node-like kernel. When this host's kernel lacks the features, every
-selected kernel test is run in ONE user-mode-Linux boot (fabric.labkernel) and each outer test item
-reports its inner result: pass, fail (with the inner traceback), or skip (with the inner reason).
-A kernel test that the inner run did not report fails; nothing is counted as passing unseen.
+Tests marked `kernel` need a node-like kernel (ipip/IPVS/dummy); tests marked `nat` also need IPv4
+nftables NAT. When this host's kernel lacks the features, every selected test of a kind is run in ONE
+boot of its lab kernel — user-mode Linux (fabric.labkernel) for `kernel`, a qemu VM with Debian's
+kernel (fabric.labvm) for `nat` — and each outer test item reports its inner result: pass, fail
+(with the inner traceback), or skip (with the inner reason). A test that the inner run did not
+report fails; nothing is counted as passing unseen.
 """
 
 from __future__ import annotations
@@ -12,34 +14,62 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from fabric import labkernel
+from fabric import labkernel, labvm
 
 RESULTS_ENV = "FABRIC_KERNEL_RESULTS"
-_state: dict = {"ran": False, "results": {}, "output": "", "rc": None}
 
 
-def _needs_proxy(config: pytest.Config) -> bool:
+@dataclass
+class _Backend:
+    """One kind of lab kernel: which tests go there, how to probe the host and how to run a batch."""
+
+    marker: str
+    select: str  # -m expression of the inner run
+    title: str
+    capable: Callable[[], tuple[bool, list[str]]]
+    run: Callable[..., labkernel.RunResult]
+    timeout_env: str
+    state: dict = field(default_factory=lambda: {"ran": False, "results": {}, "output": "", "rc": None})
+
+    def describe(self) -> str:
+        return f"{self.title}, {labvm.accel()}" if self.marker == "nat" else self.title
+
+
+# `nat` goes first: a test marked both needs the VM.
+_BACKENDS = {
+    "nat": _Backend("nat", "nat", "lab VM", labvm.capable, labvm.run, "FABRIC_NAT_TIMEOUT"),
+    "kernel": _Backend("kernel", "kernel and not nat", "lab kernel", labkernel.capable, labkernel.run,
+                       "FABRIC_KERNEL_TIMEOUT"),
+}
+
+
+def _needs_proxy(backend: _Backend) -> bool:
     if labkernel.in_lab_kernel():
         return False
-    if "capable" not in _state:
-        _state["capable"] = labkernel.capable()[0]
-    return not _state["capable"]
+    if "capable" not in backend.state:
+        backend.state["capable"] = backend.capable()[0]
+    return not backend.state["capable"]
 
 
-@pytest.hookimpl(trylast=True)  # after -k/-m deselection, so only selected tests go to the lab kernel
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection, so only selected tests go to a lab kernel
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    kernel_items = [i for i in items if i.get_closest_marker("kernel")]
-    if not kernel_items or not _needs_proxy(config):
-        return
-    _state["nodeids"] = [i.nodeid for i in kernel_items]
-    for item in kernel_items:
-        item.runtest = _proxy_runtest(item)  # type: ignore[method-assign]
-        # Fixtures would otherwise set up on this host kernel; the inner run sets them up for real.
-        item._fabric_proxied = True  # type: ignore[attr-defined]
+    taken: set[str] = set()
+    for backend in _BACKENDS.values():
+        mine = [i for i in items if i.get_closest_marker(backend.marker) and i.nodeid not in taken]
+        taken.update(i.nodeid for i in mine)
+        if not mine or not _needs_proxy(backend):
+            continue
+        backend.state["nodeids"] = [i.nodeid for i in mine]
+        for item in mine:
+            item.runtest = _proxy_runtest(item, backend)  # type: ignore[method-assign]
+            # Fixtures would otherwise set up on this host kernel; the inner run sets them up for real.
+            item._fabric_proxied = True  # type: ignore[attr-defined]
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -50,49 +80,52 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             item.funcargs = {}  # type: ignore[attr-defined]
 
 
-def _run_batch(config: pytest.Config) -> None:
-    _state["ran"] = True
+def _run_batch(config: pytest.Config, backend: _Backend) -> None:
+    st = backend.state
+    st["ran"] = True
     root = Path(config.rootpath)
     fd, results = tempfile.mkstemp(prefix="fabric-kernel-results-", suffix=".json", dir="/tmp")
     os.close(fd)
     os.environ[RESULTS_ENV] = results
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-o", "addopts=-ra",
-           "-m", "kernel", *_state["nodeids"]]
+           "-m", backend.select, *st["nodeids"]]
     capman = config.pluginmanager.getplugin("capturemanager")
     tw = config.get_terminal_writer()
     with capman.global_and_fixture_disabled():
         tw.line()
-        tw.sep("=", f"kernel tests: {len(_state['nodeids'])} in the lab kernel (one boot)", bold=True)
+        tw.sep("=", f"{backend.marker} tests: {len(st['nodeids'])} in the {backend.describe()} (one boot)", bold=True)
         try:
-            r = labkernel.run(cmd, timeout=float(os.environ.get("FABRIC_KERNEL_TIMEOUT", "1500")), cwd=str(root),
-                              stream=True)
-            _state["rc"], _state["output"] = r.returncode, r.output
+            r = backend.run(cmd, timeout=float(os.environ.get(backend.timeout_env, "1500")), cwd=str(root),
+                            stream=True)
+            st["rc"], st["output"] = r.returncode, r.output
         except labkernel.LabKernelError as e:
-            _state["rc"], _state["output"] = 125, f"lab kernel unavailable: {e}"
-            tw.line(_state["output"], red=True)
-        tw.sep("=", f"kernel tests: lab kernel run ended ({_state['rc']})", bold=True)
+            st["rc"], st["output"] = 125, f"{backend.title} unavailable: {e}"
+            tw.line(st["output"], red=True)
+        tw.sep("=", f"{backend.marker} tests: {backend.title} run ended ({st['rc']})", bold=True)
     try:
-        _state["results"] = json.loads(Path(results).read_text() or "{}")
+        st["results"] = json.loads(Path(results).read_text() or "{}")
     except (OSError, json.JSONDecodeError):
-        _state["results"] = {}
+        st["results"] = {}
     finally:
         Path(results).unlink(missing_ok=True)
         os.environ.pop(RESULTS_ENV, None)
 
 
-def _proxy_runtest(item: pytest.Item):
+def _proxy_runtest(item: pytest.Item, backend: _Backend):
+    st = backend.state
+
     def runtest() -> None:
-        if not _state["ran"]:
-            _run_batch(item.config)
-        res = _state["results"].get(item.nodeid)
+        if not st["ran"]:
+            _run_batch(item.config, backend)
+        res = st["results"].get(item.nodeid)
         if res is None:
-            tail = _state["output"][-3000:]
-            pytest.fail(f"no result from the lab kernel for {item.nodeid} (run exit {_state['rc']}):\n{tail}",
+            tail = st["output"][-3000:]
+            pytest.fail(f"no result from the {backend.title} for {item.nodeid} (run exit {st['rc']}):\n{tail}",
                         pytrace=False)
         if res["outcome"] == "skipped":
-            pytest.skip(f"[lab kernel] {res['text']}")
+            pytest.skip(f"[{backend.title}] {res['text']}")
         if res["outcome"] == "failed":
-            pytest.fail(f"[lab kernel, {res['when']}]\n{res['text']}", pytrace=False)
+            pytest.fail(f"[{backend.title}, {res['when']}]\n{res['text']}", pytrace=False)
 
     return runtest
 
