@@ -198,11 +198,15 @@ def one(kind: str, n: int) -> tuple[float, float]:
         mon.close()
         if kind == "agent":
             # How many syncs the agent needed (each one re-runs the import filter and model over every route).
-            log = (pair.dir / "agent.log").read_text(errors="replace")
-            syncs = [(datetime.strptime(ts, "%Y-%m-%d %H:%M:%S,%f").timestamp() - t0_wall, int(k)) for ts, k in
-                     re.findall(r"^(\S+ \S+) .*routes: \d+ deleted, (\d+) replaced", log, re.M)]
+            def syncs() -> list[tuple[float, int]]:
+                log = (pair.dir / "agent.log").read_text(errors="replace")
+                found = [(datetime.strptime(ts, "%Y-%m-%d %H:%M:%S,%f").timestamp() - t0_wall, int(k)) for ts, k in
+                         re.findall(r"^(\S+ \S+) .*routes: \d+ deleted, (\d+) replaced", log, re.M)]
+                return [(t, k) for t, k in found if t > 0]
+            # the last sync logs after its write returns, i.e. just after the monitor saw its routes
+            wait(lambda: sum(k for _, k in syncs()) >= n, 10, "the agent to log its last sync")
             print("  (agent: route syncs after the feed started, (seconds when logged, routes written): "
-                  + ", ".join(f"({t:.2f}, {k})" for t, k in syncs if t > 0) + ")")
+                  + ", ".join(f"({t:.2f}, {k})" for t, k in syncs()) + ")")
         if len(mon.seen) < n:
             print(f"  ({kind}: ip monitor saw {len(mon.seen)} of {n}; the kernel has all: last event time used)")
         times = sorted(mon.seen.values())

@@ -296,9 +296,12 @@ def main() -> int:
         print(summary(kind, res))
     if "bird" in results and "agents" in results:
         ra, rb = results["agents"][0], results["bird"][0]
-        print(f"  ratio agents/BIRD: announce p50 {statistics.median(ra['add_all']) / statistics.median(rb['add_all']):.2f}x"
+        med = statistics.median
+        print(f"  ratio agents/BIRD: announce p50 {med(ra['add_all']) / med(rb['add_all']):.2f}x"
               f", p90 {pct(ra['add_all'], 0.9) / pct(rb['add_all'], 0.9):.2f}x; withdraw p50 "
-              f"{statistics.median(ra['del_all']) / statistics.median(rb['del_all']):.2f}x")
+              f"{med(ra['del_all']) / med(rb['del_all']):.2f}x"
+              + (f"; node 1 synced -> all vs BIRD p50 {med(ra['src_to_all']) / med(rb['add_all']):.2f}x"
+                 if ra["src_to_all"] else ""))
     print(f"idle CPU over {a.idle:.0f} s, all {a.nodes} nodes together (CPU seconds by process)")
     for kind, (_, cpu) in results.items():
         parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])) or "none"

@@ -198,7 +198,8 @@ def inner(args: argparse.Namespace) -> int:
         meds[size]["small"] = float(small) / 1e3
         our_sync({})
     print(f"one route change with N routes present (median of {args.changes}, ms)")
-    print(f"  {'N':>6s} {'filter':>8s} {'model':>8s} {'diff':>8s} {'pure sum':>9s} {'netlink':>8s} {'netlink*':>9s} {'ip route':>9s}")
+    print(f"  {'N':>6s} {'filter':>8s} {'model':>8s} {'diff':>8s} {'pure sum':>9s} {'netlink':>8s} "
+          f"{'netlink*':>9s} {'ip route':>9s}")
     for size, m in meds.items():
         pure = m["filter"] + m["model"] + m["diff"]
         print(f"  {size:6d} {m['filter'] * 1e3:8.2f} {m['model'] * 1e3:8.2f} {m['diff'] * 1e3:8.2f} {pure * 1e3:9.2f}"
