@@ -7,7 +7,9 @@ Run in the lab kernel (nothing can leave it):
 For each receiver: two fresh namespaces joined by a veth (sender 10.0.1.1, receiver 10.0.1.11).
 The sender is BIRD 2 (AS 64513) with N static /24s in a protocol that starts disabled; the receiver
 (AS 64512) is (a) a real `fabric agent` with the sender as an external peer, (b) BIRD with a kernel
-protocol exporting everything, (c) FRR bgpd + zebra. Once the sender sees the session Established,
+protocol exporting everything, (c) FRR bgpd + zebra; and, to split the agent's time, (d) "speaker":
+the agent's BGP side alone (ExaBGP + relay + bgp.speaker via bgp.cli_probe, timed until its events
+reported all N; no kernel writes, but cli_probe prints every event as JSON). Once the sender sees the session Established,
 we enable the static protocol (t0) and watch the receiver's kernel with `ip monitor route`: the time of
 the first and of the last of the N routes (marked with the receiver's protocol: 80, bird, bgp) to
 arrive. Completion is confirmed by `ip route show proto X` once the monitor has gone quiet (not
@@ -39,7 +41,7 @@ from fabric.lab.procs import Processes  # noqa: E402
 
 SND_IP, RCV_IP = "10.0.1.1", "10.0.1.11"
 FABRIC = str(Path(sys.executable).parent / "fabric")
-PROTO = {"agent": "80", "bird": "bird", "frr": "bgp"}
+PROTO = {"agent": "80", "bird": "bird", "frr": "bgp", "speaker": ""}
 
 
 def prefixes(n: int) -> list[str]:
@@ -140,6 +142,14 @@ class Pair:
         self.procs.start("agent", ["ip", "netns", "exec", self.rcv, FABRIC, "agent", "-c",
                                    str(self.dir / "agent.yaml")], self.dir / "agent.log")
 
+    def start_speaker(self) -> None:
+        """The agent's BGP side alone: ExaBGP + relay + bgp.speaker events (bgp.cli_probe), no kernel."""
+        from bgp.cli_probe import ProbeClient
+        self.probe = ProbeClient(self.rcv, self.dir / "probe")
+        self.probe.request({"op": "neighbors", "neighbors": [dict(
+            name="feed", peer_address=SND_IP, peer_as=64513, local_as=64512, local_address=RCV_IP,
+            router_id=RCV_IP, hold_time=90, graceful_restart_time=120, kind="external")]}, 120)
+
     def start_bird(self) -> None:
         conf = self.dir / "rcv.conf"
         conf.write_text(f"router id {RCV_IP};\nprotocol device {{ }}\n"
@@ -164,6 +174,8 @@ class Pair:
         return sum(1 for line in out.splitlines() if (line.split() or [""])[0] in wanted)
 
     def close(self) -> None:
+        if getattr(self, "probe", None) is not None:
+            self.probe.close()
         self.procs.stop_all()
         for ns in (self.rcv, self.snd):
             for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
@@ -174,6 +186,25 @@ class Pair:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def speaker_times(pair: Pair, n: int) -> tuple[float, float]:
+    """Seconds from enabling the feed until the speaker reported the first / all n routes announced."""
+    probe = pair.probe
+    m = probe.mark()
+    t0 = time.monotonic()
+    pair.birdc(pair.snd_sock, "enable", "feed")
+    probe.wait_for(lambda o: o.get("event") == "RoutesAnnounced", 120, after=m)
+    first = time.monotonic() - t0
+    got = 0
+
+    def all_in(o: dict) -> bool:
+        nonlocal got
+        if o.get("event") == "RoutesAnnounced":
+            got += len(o.get("prefixes", []))
+        return got >= n
+    probe.wait_for(all_in, 600, after=m)
+    return first, time.monotonic() - t0
+
+
 def one(kind: str, n: int) -> tuple[float, float]:
     """(seconds from enabling the feed to the first route in the kernel, ... to the last)."""
     pair = Pair(n)
@@ -182,6 +213,8 @@ def one(kind: str, n: int) -> tuple[float, float]:
         getattr(pair, f"start_{kind}")()
         wait(pair.established, 120, f"{kind}: session Established")
         time.sleep(2)  # let start-up work (config, first syncs) finish; not part of what we time
+        if kind == "speaker":
+            return speaker_times(pair, n)
         mon = Monitor(pair.rcv, PROTO[kind], wanted)
         time.sleep(0.3)  # the monitor subscribed
         t0, t0_wall = time.monotonic(), time.time()
@@ -218,7 +251,7 @@ def one(kind: str, n: int) -> tuple[float, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prefixes", type=int, default=10000)
-    ap.add_argument("--only", default="bird,frr,agent")
+    ap.add_argument("--only", default="bird,frr,agent,speaker")
     ap.add_argument("--runs", type=int, default=1)
     a = ap.parse_args()
     kinds = a.only.split(",")
