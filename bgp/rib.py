@@ -128,6 +128,10 @@ class Rib:
                 out.setdefault(prefix, set()).add((name, r.next_hop))
         return out
 
+    def holders(self, prefix: IPv4Network) -> set[tuple[str, IPv4Address]]:
+        """Who holds one prefix (stale included): {(peer, next hop)}. O(peers), for per-change work."""
+        return {(name, r.next_hop) for name, p in self._peers.items() if (r := p.routes.get(prefix)) is not None}
+
     def peer_routes(self, peer: str) -> dict[IPv4Network, IPv4Address]:
         p = self._peers.get(peer)
         return {prefix: r.next_hop for prefix, r in p.routes.items()} if p else {}

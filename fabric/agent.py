@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bgp.announce import Announcement
-from bgp.events import BgpEvent, EndOfRib, PeerDown, PeerUp, SpeakerRestarted
+from bgp.events import BgpEvent, EndOfRib, PeerDown, PeerUp, RoutesAnnounced, RoutesWithdrawn, SpeakerRestarted
 from bgp.exabgp_config import Neighbor, NeighborError
 from bgp.speaker import Speaker, SpeakerError
 from bgp.rib import Rib
@@ -33,9 +33,12 @@ from fabric.import_policy import ImportFilter
 from fabric.inputs import NodeInfo
 from fabric.tracker import Store
 from ipip.kernel import FactsError, KernelView, RouteKernel, set_sysctl
-from ipip.model import Route, RoutePlan, desired_routes, diff_routes, same_subnet_network
+from fabric.route_state import RouteState, make_inputs
+from ipip.model import Route, diff_routes, same_subnet_network
 
 log = logging.getLogger("fabric.agent")
+
+STATUS_INTERVAL = 1.0  # seconds between status file writes at most
 WAITING_FOR_SOURCE = "waiting for the first complete list from the Kubernetes API; the dataplane is left as it is"
 
 
@@ -70,7 +73,11 @@ class Agent:
         self._svc_anns: dict = {}
         self._svc_anns_stale = True
         self._svc_anns_for: list[Neighbor] | None = None
-        self._last_plan: RoutePlan | None = None
+        self._routes = RouteState(self.import_filter)  # desired routes, updated per change
+        self._dirty: set[ipaddress.IPv4Network] = set()  # prefixes BGP changed since the last sync
+        self._dirty_all = True  # something global changed: recompute every route
+        self._status_at = 0.0
+        self._status_due: float | None = None
         self._warnings: list[str] = []
         self._errors: list[str] = []
         self._service_error: str | None = None
@@ -145,7 +152,7 @@ class Agent:
         if self._rk is not None:
             await self._kernel(self._rk.close)
         self._kernel_pool.shutdown(wait=True)
-        self._write_status()
+        self._write_status(force=True)
 
     # ------------------------------------------------------------------------------------------
     def _start_source(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -184,7 +191,12 @@ class Agent:
             log.warning("peer %s (%s) down: %s (%s)", ev.peer, ev.address, ev.reason,
                         "graceful: its routes are kept for the restart time it advertised, if any"
                         if ev.graceful else "its routes are removed")
-        if self.rib.apply(ev, now) or isinstance(ev, (PeerUp, PeerDown, EndOfRib)):
+        changed = self.rib.apply(ev, now)
+        if isinstance(ev, (RoutesAnnounced, RoutesWithdrawn)):
+            self._dirty.update(ev.prefixes)
+        elif changed:
+            self._dirty_all = True  # a peer's whole set moved (down, up, End-of-RIB sweep, our restart)
+        if changed or isinstance(ev, (PeerUp, PeerDown, EndOfRib)):
             self._wake.set()
 
     async def _kernel(self, fn, *args):
@@ -245,6 +257,8 @@ class Agent:
             deadlines.append(d)
         if self._hold_until is not None:
             deadlines.append(self._hold_until)
+        if self._status_due is not None:
+            deadlines.append(self._status_due)
         if self.services is not None and hasattr(self.services, "next_deadline"):
             sd = self.services.next_deadline(now)
             if sd is not None:
@@ -272,7 +286,8 @@ class Agent:
         changes = self.store.take()
         if changes.full or changes.of("IPPool") or changes.of("BGPPeer") or changes.of("BGPConfiguration"):
             await self._refresh_config()
-        self.rib.expire(now)
+        if self.rib.expire(now):
+            self._dirty_all = True
         self._warnings = list(self._cfg_problems) + ([self._facts_warning] if self._facts_warning else [])
         if self.source is not None and getattr(self.source, "problems", None):
             self._warnings += list(self.source.problems)
@@ -314,6 +329,8 @@ class Agent:
                      ", ".join(f"{p.cidr} {p.ipip_mode.value}" for p in cfg.pools) or "none")
             self.cfg = cfg
             self.import_filter = ImportFilter(cfg)
+            self._routes = RouteState(self.import_filter)
+            self._dirty_all = True
             self._svc_anns_stale = True
 
     async def _sync_bgp(self, nodes: dict[str, NodeInfo], pod_cidrs: list[ipaddress.IPv4Network]) -> list[Neighbor]:
@@ -331,6 +348,7 @@ class Agent:
             current = {n.name for n in neighbors}
             for peer in list(self.rib.counts()):
                 if peer not in current and self.rib.forget(peer):
+                    self._dirty_all = True
                     log.info("peer %s removed from config: its routes are withdrawn", peer)
         anns = desired_announcements(self.cfg, pod_cidrs, neighbors)
         if self._svc_anns_stale or neighbors != self._svc_anns_for:
@@ -356,26 +374,40 @@ class Agent:
                 return
             self._set_view(view)
             self._errors = [e for e in self._errors if "no interface holds" not in e]
+            self._dirty_all = True  # our belief of the kernel was just re-read: diff everything
         assert self._view is not None and self._owned is not None
         kinds = {n.name: n.kind for n in neighbors}
         ibgp = [n.name for n in neighbors if n.kind == "external" and n.peer_as == n.local_as]
-        learned, rejections = self.import_filter.filter(self.rib.routes(), kinds, nodes, pod_cidrs, ibgp)
+        inputs = make_inputs(facts=self._view.facts, pools=self.cfg.pools, pod_cidrs=pod_cidrs, nodes=nodes,
+                             kinds=kinds, ibgp=ibgp, tunnel_device=dp.tunnel_device,
+                             per_peer_limits=any(p.max_prefixes for p in self.cfg.peers))
+        held = self._hold_until is not None
+        self._maybe_end_hold(neighbors)
+        if held and self._hold_until is None:
+            self._dirty_all = True  # adopted routes that were not learned again must go: a full diff
+        dirty = None if self._dirty_all else self._dirty
+        self._dirty, self._dirty_all = set(), False
+        touched, rejections = self._routes.update(inputs, nodes, dirty=dirty, all_routes=self.rib.routes,
+                                                  holders=self.rib.holders)
         for r in rejections:
             log.warning("import rejected: %s", r)
-        plan = desired_routes(facts=self._view.facts, pools=list(self.cfg.pools), local_pod_cidrs=pod_cidrs,
-                              learned=learned, tunnel_device=dp.tunnel_device)
-        self._warnings += list(plan.warnings)
+        self._warnings += self._routes.warning_lines()
         self._warnings += self.import_filter.active_rejections()
-        desired = dict(plan.routes)
-        self._maybe_end_hold(neighbors)
-        if self._hold_until is not None:
-            for dst, r in self._adopted.items():
-                desired.setdefault(dst, r)
-        if plan.tunnel_needed:
+        routes = self._routes.routes
+        if touched is None:
+            desired, owned = dict(routes), self._owned
+            scope = self._adopted.keys() if self._hold_until is not None else ()
+        else:
+            desired = {p: routes[p] for p in touched if p in routes}
+            owned = {p: self._owned[p] for p in touched if p in self._owned}
+            scope = [p for p in touched if p in self._adopted] if self._hold_until is not None else ()
+        for dst in scope:
+            desired.setdefault(dst, self._adopted[dst])
+        if self._routes.tunnel_needed:
             tunnel = self._view.tunnel
-            if not tunnel or not tunnel["up"] or tunnel["mtu"] != plan.tunnel_mtu:
-                self._view = await self._kernel(self._rk.ensure_tunnel, plan.tunnel_mtu, self._view)
-        diff = diff_routes(desired, self._owned)
+            if not tunnel or not tunnel["up"] or tunnel["mtu"] != self._routes.tunnel_mtu:
+                self._view = await self._kernel(self._rk.ensure_tunnel, self._routes.tunnel_mtu, self._view)
+        diff = diff_routes(desired, owned)
         if diff:
             errors = await self._kernel(self._rk.apply, diff, self._view.ifindex)
             for d in diff.delete:
@@ -390,7 +422,6 @@ class Agent:
                 self._next_resync = 0.0
                 self._wake.set()
             log.info("routes: %d deleted, %d replaced, %d failed", len(diff.delete), len(diff.replace), len(failed))
-        self._last_plan = plan
 
     def _maybe_end_hold(self, neighbors: list[Neighbor]) -> None:
         if self._hold_until is None:
@@ -426,7 +457,6 @@ class Agent:
             peers.append({"name": n.name, "address": str(n.peer_address), "asn": n.peer_as, "kind": n.kind,
                           **{k: v for k, v in s.items() if k not in ("name", "address")},
                           "routes": counts.get("routes", 0), "stale": counts.get("stale", 0)})
-        plan = self._last_plan
         modes = sorted({p.ipip_mode.value for p in self.cfg.pools})
         svc = self.services.status() if self.services is not None and hasattr(self.services, "status") else None
         return {
@@ -437,12 +467,12 @@ class Agent:
             "started": self.started,
             "updated": time.time(),
             "ipipModes": modes,
-            "tunnelNeeded": bool(plan and plan.tunnel_needed),
+            "tunnelNeeded": self._routes.tunnel_needed,
             "peers": peers,
             "speaker": ({k: v for k, v in self.speaker.status().items() if k != "neighbors"}
                         if self.speaker is not None else None),
             "routes": {str(d): {"kind": r.kind, "nexthops": [[str(h.gateway), h.device, h.onlink] for h in r.nexthops],
-                                "mtu": r.mtu, "why": r.why} for d, r in (plan.routes.items() if plan else [])},
+                                "mtu": r.mtu, "why": r.why} for d, r in self._routes.routes.items()},
             "learned": {str(p): sorted([peer, str(nh)] for peer, nh in s) for p, s in self.rib.routes().items()},
             "adoptedHold": self._hold_until is not None,
             "services": svc,
@@ -450,7 +480,14 @@ class Agent:
             "errors": sorted(set(self._errors) | ({f"services: {self._service_error}"} if self._service_error else set())),
         }
 
-    def _write_status(self) -> None:
+    def _write_status(self, force: bool = False) -> None:
+        """At most one write per STATUS_INTERVAL (the document is O(routes)); a skipped write is done
+        at its deadline, so the file is never more than that much behind."""
+        now = time.monotonic()
+        if not force and now - self._status_at < STATUS_INTERVAL:
+            self._status_due = self._status_at + STATUS_INTERVAL
+            return
+        self._status_at, self._status_due = now, None
         try:
             status_mod.write(self.run_dir, self.snapshot())
         except OSError as e:

@@ -25,14 +25,16 @@ class ImportFilter:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self._log = RejectionLog()
-        self._active: list[str] = []
+        self._active: dict[tuple[str, ipaddress.IPv4Network], str] = {}
 
     def filter(self, routes: Mapping[ipaddress.IPv4Network, Iterable[tuple[str, ipaddress.IPv4Address]]],
                kinds: Mapping[str, str], nodes: Mapping[str, NodeInfo],
                own_pod_cidrs: Iterable[ipaddress.IPv4Network],
-               ibgp: Iterable[str] = ()) -> tuple[Learned, list[str]]:
+               ibgp: Iterable[str] = (), only: set[ipaddress.IPv4Network] | None = None) -> tuple[Learned, list[str]]:
         """Accepted routes, and the rejections not logged before ("peer P: prefix: reason").
-        `kinds`: neighbor name -> "mesh" | "external"; `ibgp`: external neighbors in our own ASN."""
+        `kinds`: neighbor name -> "mesh" | "external"; `ibgp`: external neighbors in our own ASN.
+        `only`: `routes` holds just these prefixes (a per-change update): the active rejections of
+        other prefixes are kept. Not for peers with maxPrefixes (that needs the peer's whole set)."""
         node_addrs = tuple(sorted({n.address for n in nodes.values()} | {self.cfg.node.address.ip}))
         mesh = MeshImportPolicy(tuple(self.cfg.pools), tuple(own_pod_cidrs), node_addrs)
         peers_cfg = {p.name: p for p in self.cfg.peers}
@@ -43,7 +45,8 @@ class ImportFilter:
         ibgp_set = set(ibgp)
         out: Learned = defaultdict(set)
         fresh: list[str] = []
-        active: list[str] = []
+        active: dict[tuple[str, ipaddress.IPv4Network], str] = (
+            {} if only is None else {k: v for k, v in self._active.items() if k[1] not in only})
         for peer, prefixes in sorted(by_peer.items()):
             kind = kinds.get(peer)
             if kind is None:
@@ -65,7 +68,8 @@ class ImportFilter:
                 accepted, rejected = accepted + acc2, rejected + rej2
             for p in accepted:
                 out[p].add((peer, prefixes[p]))
-            active += [f"import from {peer} rejected {r.prefix}: {r.reason}" for r in rejected]
+            for r in rejected:
+                active[(peer, r.prefix)] = f"import from {peer} rejected {r.prefix}: {r.reason}"
             fresh += [f"peer {peer}: {r.prefix}: {r.reason}" for r in self._log.new(peer, rejected)]
         self._active = active
         return dict(out), fresh
@@ -74,4 +78,4 @@ class ImportFilter:
         return any(not p.disabled and prefix.subnet_of(p.cidr) for p in self.cfg.pools)
 
     def active_rejections(self) -> list[str]:
-        return list(self._active)
+        return [self._active[k] for k in sorted(self._active, key=lambda k: (k[0], k[1].network_address, k[1].prefixlen))]

@@ -64,6 +64,7 @@ class RoutePlan:
     tunnel_needed: bool
     tunnel_mtu: int
     warnings: tuple[str, ...] = ()
+    prefix_warnings: dict[ipaddress.IPv4Network, tuple[str, ...]] = field(default_factory=dict)
 
 
 def same_subnet_network(kernel_prefix: ipaddress.IPv4Interface,
@@ -106,7 +107,7 @@ def desired_routes(*, facts: NodeFacts, pools: list[Pool], local_pod_cidrs: Iter
                    learned: Mapping[ipaddress.IPv4Network, Iterable[tuple[str, ipaddress.IPv4Address]]],
                    tunnel_device: str = "tunl0") -> RoutePlan:
     routes: dict[ipaddress.IPv4Network, Route] = {}
-    warnings: list[str] = []
+    warnings: dict[ipaddress.IPv4Network, list[str]] = {}
     tunnel_mtu = facts.mtu - IPIP_OVERHEAD
     tunnel_needed = any(p.ipip_mode is not IPIPMode.NEVER and not p.disabled for p in pools)
 
@@ -135,7 +136,7 @@ def desired_routes(*, facts: NodeFacts, pools: list[Pool], local_pod_cidrs: Iter
                 continue
             hop = resolve_underlay(next_hop, facts)
             if hop is None:
-                warnings.append(f"{prefix} from {peer}: next hop {next_hop} is in another subnet and not routed by "
+                warnings.setdefault(prefix, []).append(f"{prefix} from {peer}: next hop {next_hop} is in another subnet and not routed by "
                                 f"the underlay ({pool_txt}): unreachable")
                 continue
             hops.add(hop)
@@ -145,14 +146,15 @@ def desired_routes(*, facts: NodeFacts, pools: list[Pool], local_pod_cidrs: Iter
                 reasons.append(f"from {peer} via {next_hop} ({where}, {pool_txt}) -> recursive via underlay "
                                f"gateway {hop.gateway} on {hop.device}")
                 if pool is not None:
-                    warnings.append(f"{prefix} from {peer}: ipipMode Never and {next_hop} is in another subnet: "
+                    warnings.setdefault(prefix, []).append(f"{prefix} from {peer}: ipipMode Never and {next_hop} is in another subnet: "
                                     f"sent to underlay gateway {hop.gateway}, reachable only if it routes pod CIDRs")
         if not hops:
             continue
         routes[prefix] = Route(prefix, "unicast", tuple(sorted(hops)),
                                mtu=tunnel_mtu if uses_tunnel else None,
                                why="; ".join(reasons) + (" [ECMP]" if len(hops) > 1 else ""))
-    return RoutePlan(routes, tunnel_needed, tunnel_mtu, tuple(warnings))
+    return RoutePlan(routes, tunnel_needed, tunnel_mtu, tuple(w for p in sorted(warnings) for w in warnings[p]),
+                     {p: tuple(ws) for p, ws in warnings.items()})
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,10 @@ class Ping:
         return int(m.group(1)), int(m.group(2))
 
 
-def _fully_back(lab: MeshLab, n: Node) -> bool:
+def _fully_back(lab: MeshLab, n: Node, since: float = 0.0) -> bool:
     s = lab.status(n)
+    if s.get("started", 0) < since:
+        return False  # still the status file of the agent's previous life
     return (len(lab.established(n)) == len(lab.nodes) - 1 and not s.get("adoptedHold", True)
             and all(len(lab.established(m)) == len(lab.nodes) - 1 for m in lab.nodes))
 
@@ -57,9 +59,11 @@ def test_kill_9_agent_and_restart_loses_nothing(lab: MeshLab) -> None:
     ping = Ping(lab, a1, b1)
     try:
         time.sleep(1)  # let the ping run before the kill
+        killed = time.time()
         lab.kill_agent(a1, signal.SIGKILL)
         lab.start_agent(a1)
-        wait_for(lambda: _fully_back(lab, a1), 60, "a1 back with every session and its startup hold over")
+        wait_for(lambda: _fully_back(lab, a1, since=killed), 60,
+                 "the new a1 agent back with every session and its startup hold over")
         time.sleep(1)
     finally:
         sent, received = ping.stop()

@@ -1,0 +1,89 @@
+"""Desired routes kept per prefix, so one BGP change costs O(change), not O(routes) (pure).
+
+A full recompute (import filter + route model over every learned route) happens when a global input
+changes: the kernel facts, pools, this node's pod CIDRs, the nodes, the neighbors, or on request
+(resync, peer up/down, graceful-restart expiry). Otherwise only the prefixes that BGP updates touched
+are filtered and recomputed, and only they are diffed against the kernel. The result equals a full
+recompute (tests/unit/test_route_state.py checks that on random event sequences).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from fabric.config import Pool
+from fabric.import_policy import ImportFilter
+from fabric.inputs import NodeInfo
+from ipip.model import NodeFacts, Route, desired_routes
+
+Prefix = ipaddress.IPv4Network
+Holders = set[tuple[str, ipaddress.IPv4Address]]
+
+
+@dataclass(frozen=True)
+class RouteInputs:
+    """Everything but the learned routes that decides a prefix's route (compared for equality)."""
+
+    facts: NodeFacts
+    pools: tuple[Pool, ...]
+    pod_cidrs: tuple[Prefix, ...]
+    nodes: tuple[tuple[str, ipaddress.IPv4Address], ...]
+    kinds: tuple[tuple[str, str], ...]
+    ibgp: tuple[str, ...]
+    tunnel_device: str
+    per_peer_limits: bool  # some external peer has maxPrefixes: its whole set decides, so always full
+
+
+@dataclass
+class RouteState:
+    import_filter: ImportFilter
+    inputs: RouteInputs | None = None
+    routes: dict[Prefix, Route] = field(default_factory=dict)
+    warnings: dict[Prefix, tuple[str, ...]] = field(default_factory=dict)
+    tunnel_needed: bool = False
+    tunnel_mtu: int = 0
+
+    def update(self, inputs: RouteInputs, nodes: Mapping[str, NodeInfo], *, dirty: set[Prefix] | None,
+               all_routes: Callable[[], Mapping[Prefix, Holders]], holders: Callable[[Prefix], Holders]
+               ) -> tuple[set[Prefix] | None, list[str]]:
+        """Bring `routes` up to date. `dirty`: prefixes BGP changed since the last update (None: unknown,
+        recompute everything). Returns (the prefixes to diff — None means all — and new rejections)."""
+        full = dirty is None or inputs != self.inputs or inputs.per_peer_limits
+        kinds = dict(inputs.kinds)
+        if full:
+            learned, fresh = self.import_filter.filter(all_routes(), kinds, nodes, inputs.pod_cidrs, inputs.ibgp)
+            plan = desired_routes(facts=inputs.facts, pools=list(inputs.pools), local_pod_cidrs=inputs.pod_cidrs,
+                                  learned=learned, tunnel_device=inputs.tunnel_device)
+            self.inputs, self.routes, self.warnings = inputs, dict(plan.routes), dict(plan.prefix_warnings)
+            self.tunnel_needed, self.tunnel_mtu = plan.tunnel_needed, plan.tunnel_mtu
+            return None, fresh
+        assert dirty is not None
+        if not dirty:
+            return set(), []
+        raw = {p: h for p in dirty if (h := holders(p))}
+        learned, fresh = self.import_filter.filter(raw, kinds, nodes, inputs.pod_cidrs, inputs.ibgp, only=dirty)
+        plan = desired_routes(facts=inputs.facts, pools=list(inputs.pools), local_pod_cidrs=inputs.pod_cidrs,
+                              learned=learned, tunnel_device=inputs.tunnel_device)
+        for p in dirty:
+            if p in plan.routes:
+                self.routes[p] = plan.routes[p]
+            else:
+                self.routes.pop(p, None)
+            if p in plan.prefix_warnings:
+                self.warnings[p] = plan.prefix_warnings[p]
+            else:
+                self.warnings.pop(p, None)
+        return set(dirty), fresh
+
+    def warning_lines(self) -> list[str]:
+        return [w for p in sorted(self.warnings) for w in self.warnings[p]]
+
+
+def make_inputs(*, facts: NodeFacts, pools: Iterable[Pool], pod_cidrs: Iterable[Prefix],
+                nodes: Mapping[str, NodeInfo], kinds: Mapping[str, str], ibgp: Iterable[str], tunnel_device: str,
+                per_peer_limits: bool) -> RouteInputs:
+    return RouteInputs(facts, tuple(pools), tuple(sorted(pod_cidrs)),
+                       tuple(sorted((n, i.address) for n, i in nodes.items())), tuple(sorted(kinds.items())),
+                       tuple(sorted(ibgp)), tunnel_device, per_peer_limits)
