@@ -14,7 +14,8 @@ the same updates accepts the same set.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from bisect import bisect_left
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Iterable
 
@@ -31,19 +32,31 @@ def _sorted(prefixes: Iterable[IPv4Network]) -> list[IPv4Network]:
     return sorted(set(prefixes), key=lambda p: (p.network_address, p.prefixlen))
 
 
+def _covered(sorted_ints: list[int], prefix: IPv4Network) -> IPv4Address | None:
+    """The lowest address of `sorted_ints` inside `prefix`: one bisect instead of a loop over nodes."""
+    lo = int(prefix.network_address)
+    hi = lo | (0xFFFFFFFF >> prefix.prefixlen)
+    i = bisect_left(sorted_ints, lo)
+    return IPv4Address(sorted_ints[i]) if i < len(sorted_ints) and sorted_ints[i] <= hi else None
+
+
 @dataclass(frozen=True)
 class MeshImportPolicy:
     pools: tuple[Pool, ...]
     own_pod_cidrs: tuple[IPv4Network, ...]
     node_addresses: tuple[IPv4Address, ...]
+    _node_ints: list[int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_node_ints", sorted({int(a) for a in self.node_addresses}))
 
     def check(self, prefix: IPv4Network) -> str | None:
         """None when accepted, else why not."""
         if prefix.prefixlen == 0:
             return "default route"
-        for addr in self.node_addresses:
-            if addr in prefix:
-                return f"covers node address {addr}"
+        addr = _covered(self._node_ints, prefix)
+        if addr is not None:
+            return f"covers node address {addr}"
         for own in self.own_pod_cidrs:
             if prefix.overlaps(own):
                 return f"overlaps this node's pod CIDR {own}"
@@ -71,9 +84,8 @@ class ExternalImportPolicy:
     node_addresses: tuple[IPv4Address, ...] = ()
 
     def check(self, prefix: IPv4Network) -> str | None:
-        for addr in self.node_addresses:
-            if addr in prefix and prefix.prefixlen == 32:
-                return f"is node address {addr}"
+        if prefix.prefixlen == 32 and prefix.network_address in self.node_addresses:
+            return f"is node address {prefix.network_address}"
         f = self.prefix_filter
         if f is None:
             return None

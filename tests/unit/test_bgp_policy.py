@@ -73,3 +73,23 @@ def test_rejection_log_reports_each_once() -> None:
     small = RejectionLog(limit=2)
     small.new("p", [r1, r2])
     assert small.new("p", [Rejection(N("2.0.0.0/8"), "y")])  # bounded: starts over instead of growing
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from bgp.policy import _covered  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(nodes=st.lists(st.integers(0, 2**32 - 1), max_size=20),
+       net=st.integers(0, 2**32 - 1), plen=st.integers(0, 32))
+def test_covered_matches_the_naive_loop(nodes: list[int], net: int, plen: int) -> None:
+    from ipaddress import IPv4Address, IPv4Network
+    prefix = IPv4Network((net, plen), strict=False)
+    addrs = sorted({IPv4Address(n) for n in nodes})
+    naive = next((a for a in addrs if a in prefix), None)
+    assert _covered(sorted(int(a) for a in addrs), prefix) == naive
+    # the edges: a node at the network and at the broadcast address is covered
+    assert _covered([int(prefix.network_address)], prefix) == prefix.network_address
+    assert _covered([int(prefix.broadcast_address)], prefix) == prefix.broadcast_address
