@@ -241,35 +241,44 @@ def run(command: list[str], *, timeout: float = 1800, mem: str = "2G", stream: b
         args = [str(binary), f"mem={mem}", "seccomp=on", "rootfstype=hostfs", "rootflags=/", "rw",
                 f"init={init}", "con=null", "con0=null,fd:2" if not stream else "con0=null,fd:2", "quiet"]
         env = dict(os.environ, TMPDIR=str(work))
-        kernel_log = open(work / "kernel.log", "wb")
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=kernel_log, stderr=kernel_log,
-                                env=env, start_new_session=True)
-        stop = threading.Event()
-        tail = threading.Thread(target=_tail, args=(out, stop, stream), daemon=True)
-        tail.start()
-        timed_out = False
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        except KeyboardInterrupt:
-            _kill_group(proc)
-            raise
-        finally:
-            if proc.poll() is None:
-                _kill_group(proc)
-            stop.set()
-            tail.join(timeout=5)
-            kernel_log.close()
-        output = out.read_text(errors="replace")
-        if timed_out:
-            return RunResult(124, output + f"\n[lab kernel: timed out after {timeout:.0f}s, killed]\n", True)
-        if not rc.exists():
-            klog = (work / "kernel.log").read_text(errors="replace")[-2000:]
-            return RunResult(125, output + f"\n[lab kernel: exited without a status; kernel log tail:]\n{klog}")
-        return RunResult(int(rc.read_text().strip() or 125), output)
+        return boot_and_collect(args, work, timeout=timeout, stream=stream, label="lab kernel", env=env)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def boot_and_collect(args: list[str], work: Path, *, timeout: float, stream: bool, label: str,
+                     env: dict[str, str] | None = None) -> RunResult:
+    """Boot a lab kernel (UML or the qemu VM) whose init runs one command with its output in
+    `work/out` and its exit status in `work/rc` (both on the host's file system), stream that output
+    while it runs, and kill the whole process group on timeout or Ctrl-C."""
+    out, rc = work / "out", work / "rc"
+    kernel_log = open(work / "kernel.log", "wb")
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=kernel_log, stderr=kernel_log,
+                            env=env, start_new_session=True)
+    stop = threading.Event()
+    tail = threading.Thread(target=_tail, args=(out, stop, stream), daemon=True)
+    tail.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    except KeyboardInterrupt:
+        _kill_group(proc)
+        raise
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+        stop.set()
+        tail.join(timeout=5)
+        kernel_log.close()
+    output = out.read_text(errors="replace")
+    if timed_out:
+        return RunResult(124, output + f"\n[{label}: timed out after {timeout:.0f}s, killed]\n", True)
+    if not rc.exists():
+        klog = (work / "kernel.log").read_text(errors="replace")[-2000:]
+        return RunResult(125, output + f"\n[{label}: exited without a status; console/kernel log tail:]\n{klog}")
+    return RunResult(int(rc.read_text().strip() or 125), output)
 
 
 def _run_here(command: list[str], *, timeout: float, stream: bool, cwd: str) -> RunResult:

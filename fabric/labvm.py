@@ -24,11 +24,9 @@ import shutil
 import stat
 import subprocess
 import tempfile
-import threading
 from pathlib import Path
 
-from fabric.labkernel import (IN_LAB_ENV, MODULES, REPO_ROOT, LabKernelError, RunResult, _kill_group, _tail,
-                              in_lab_kernel)
+from fabric.labkernel import IN_LAB_ENV, MODULES, REPO_ROOT, LabKernelError, RunResult, in_lab_kernel
 from fabric import labkernel
 
 CACHE = Path(os.environ.get("FABRIC_LABVM_CACHE", REPO_ROOT / ".cache" / "labvm"))
@@ -343,33 +341,7 @@ def run(command: list[str], *, timeout: float = 1800, mem: str = "2G", cpus: int
                 "-fsdev", "local,id=hostroot,path=/,security_model=passthrough,multidevs=remap",
                 "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
                 "-append", f"console=ttyS0 quiet panic=-1 fabric_init={init}"]
-        kernel_log = open(work / "kernel.log", "wb")
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=kernel_log, stderr=kernel_log,
-                                start_new_session=True)
-        stop = threading.Event()
-        tail = threading.Thread(target=_tail, args=(out, stop, stream), daemon=True)
-        tail.start()
-        timed_out = False
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        except KeyboardInterrupt:
-            _kill_group(proc)
-            raise
-        finally:
-            if proc.poll() is None:
-                _kill_group(proc)
-            stop.set()
-            tail.join(timeout=5)
-            kernel_log.close()
-        output = out.read_text(errors="replace")
-        if timed_out:
-            return RunResult(124, output + f"\n[lab VM ({how}): timed out after {timeout:.0f}s, killed]\n", True)
-        if not rc.exists():
-            klog = (work / "kernel.log").read_text(errors="replace")[-2000:]
-            return RunResult(125, output + f"\n[lab VM ({how}): exited without a status; console tail:]\n{klog}")
-        return RunResult(int(rc.read_text().strip() or 125), output)
+        return labkernel.boot_and_collect(args, work, timeout=timeout, stream=stream, label=f"lab VM ({how})")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
