@@ -11,11 +11,8 @@ EXIT_BAD_CONFIG = 2
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    try:
-        c = cfg.load(args.file)
-    except cfg.ConfigError as e:
-        for line in e.problems:
-            print(f"{args.file}: {line}", file=sys.stderr)
+    c = _load(args.file)
+    if c is None:
         return EXIT_BAD_CONFIG
     print(f"{args.file}: ok (node {c.node.name}, asn {c.node.asn or c.cluster.asn}, "
           f"{len(c.pools)} pool(s), {len(c.peers)} external peer(s))")
