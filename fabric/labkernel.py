@@ -177,27 +177,49 @@ def _check(cmd: list[str], what: str, cwd: Path | None = None) -> None:
 # Booting
 
 _INIT = """#!/bin/sh
-# init of a bgp-fabric lab kernel: mount the basics, load modules, run one command, power off.
+# init of a bgp-fabric lab kernel (UML or the qemu VM, on the host's root): mount the basics, load
+# modules, run one command with its output and exit status in host files, power off.
 export PATH={path}
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t tmpfs tmpfs /run
-mkdir -p /run/netns /run/frr /run/bird /var/run
+mkdir -p /run/netns /run/frr /run/bird /var/run /dev/shm
+{extra_setup}
 mount -t tmpfs tmpfs /dev/shm 2>/dev/null
 mount -t bpf bpf /sys/fs/bpf 2>/dev/null
 mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null
 chown frr:frr /run/frr 2>/dev/null
 ip link set lo up
-hostname fabric-lab
+hostname {hostname}
 for m in {modules}; do modprobe -d {prefix} $m 2>/dev/null; done
 cd {cwd}
 {env}
-export {in_lab}=1
 ( {command} ) > {out} 2>&1 < /dev/null
 echo $? > {rc}
 sync
 poweroff -f
 """
+
+# Environment passed from the host into the lab kernel (the rest is the host session's own).
+_KEEP_ENV = ("FABRIC_", "PYTEST", "HYPOTHESIS", "CI", "VIRTUAL_ENV", "PYTHON", "HOME", "LANG", "LC_")
+
+
+def write_init(work: Path, command: list[str], cwd: str, *, modules: list[str], module_prefix: Path,
+               hostname: str, markers: dict[str, str], extra_setup: str = "") -> Path:
+    """The init script both lab kernels boot with; output goes to work/out, the status to work/rc."""
+    keep = {k: v for k, v in os.environ.items() if k.startswith(_KEEP_ENV) and k != "PYTEST_CURRENT_TEST"}
+    keep.update(markers)
+    (work / "out").touch()
+    init = work / "init.sh"
+    init.write_text(_INIT.format(
+        path=shlex.quote(os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin") + ":/usr/sbin:/sbin"),
+        extra_setup=extra_setup, hostname=hostname, modules=" ".join(dict.fromkeys(modules)),
+        prefix=shlex.quote(str(module_prefix)), cwd=shlex.quote(cwd),
+        env="\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(keep.items())),
+        command=shlex.join(command), out=shlex.quote(str(work / "out")), rc=shlex.quote(str(work / "rc")),
+    ))
+    init.chmod(0o755)
+    return init
 
 
 BACKENDS = ("uml", "vm")  # vm: Debian's kernel in qemu (fabric.labvm), for IPv4 nftables NAT
@@ -224,20 +246,8 @@ def run(command: list[str], *, timeout: float = 1800, mem: str = "2G", stream: b
     binary = ensure(log=log)
     work = Path(tempfile.mkdtemp(prefix="fabric-uml-"))
     try:
-        out, rc = work / "out", work / "rc"
-        out.touch()
-        keep = {k: v for k, v in os.environ.items()
-                if k.startswith(("FABRIC_", "PYTEST", "HYPOTHESIS", "CI", "VIRTUAL_ENV", "PYTHON", "HOME", "LANG", "LC_"))
-                and k != "PYTEST_CURRENT_TEST"}
-        env_lines = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(keep.items()))
-        init = work / "init.sh"
-        init.write_text(_INIT.format(
-            path=shlex.quote(os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin") + ":/usr/sbin:/sbin"),
-            modules=" ".join(MODULES), prefix=shlex.quote(str(prefix())), cwd=shlex.quote(cwd),
-            env=env_lines, in_lab=IN_LAB_ENV, command=shlex.join(command), out=shlex.quote(str(out)),
-            rc=shlex.quote(str(rc)),
-        ))
-        init.chmod(0o755)
+        init = write_init(work, command, cwd, modules=MODULES, module_prefix=prefix(), hostname="fabric-lab",
+                          markers={IN_LAB_ENV: "1"})
         args = [str(binary), f"mem={mem}", "seccomp=on", "rootfstype=hostfs", "rootflags=/", "rw",
                 f"init={init}", "con=null", "con0=null,fd:2" if not stream else "con0=null,fd:2", "quiet"]
         env = dict(os.environ, TMPDIR=str(work))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import fcntl
 import os
 import re
-import shlex
 import shutil
 import stat
 import subprocess
@@ -273,31 +272,6 @@ def _cpio_newc(files: list[tuple[str, int, bytes]]) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # Booting
 
-_INIT = """#!/bin/sh
-# init of the bgp-fabric lab VM (on the host's root over 9p): mount the basics, load modules, run
-# one command, power off.
-export PATH={path}
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t tmpfs tmpfs /run
-mkdir -p /run/netns /run/frr /run/bird /var/run /dev/pts /dev/shm
-mount -t devpts devpts /dev/pts 2>/dev/null
-mount -t tmpfs tmpfs /dev/shm 2>/dev/null
-mount -t bpf bpf /sys/fs/bpf 2>/dev/null
-mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null
-chown frr:frr /run/frr 2>/dev/null
-ip link set lo up
-hostname fabric-labvm
-for m in {modules}; do modprobe -d {prefix} $m 2>/dev/null; done
-cd {cwd}
-{env}
-export {in_lab}=1 {in_vm}=1
-( {command} ) > {out} 2>&1 < /dev/null
-echo $? > {rc}
-sync
-poweroff -f
-"""
-
 
 def run(command: list[str], *, timeout: float = 1800, mem: str = "2G", cpus: int = 2, stream: bool = True,
         cwd: str | None = None, log=print) -> RunResult:
@@ -320,20 +294,9 @@ def run(command: list[str], *, timeout: float = 1800, mem: str = "2G", cpus: int
     last_accel = how
     work = Path(tempfile.mkdtemp(prefix="fabric-vm-"))
     try:
-        out, rc = work / "out", work / "rc"
-        out.touch()
-        keep = {k: v for k, v in os.environ.items()
-                if k.startswith(("FABRIC_", "PYTEST", "HYPOTHESIS", "CI", "VIRTUAL_ENV", "PYTHON", "HOME", "LANG", "LC_"))
-                and k != "PYTEST_CURRENT_TEST"}
-        init = work / "init.sh"
-        init.write_text(_INIT.format(
-            path=shlex.quote(os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin") + ":/usr/sbin:/sbin"),
-            modules=" ".join(dict.fromkeys([*MODULES, *VM_MODULES])), prefix=shlex.quote(str(root())),
-            cwd=shlex.quote(cwd), env="\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(keep.items())),
-            in_lab=IN_LAB_ENV, in_vm=IN_VM_ENV, command=shlex.join(command), out=shlex.quote(str(out)),
-            rc=shlex.quote(str(rc)),
-        ))
-        init.chmod(0o755)
+        init = labkernel.write_init(work, command, cwd, modules=[*MODULES, *VM_MODULES], module_prefix=root(),
+                                    hostname="fabric-labvm", markers={IN_LAB_ENV: "1", IN_VM_ENV: "1"},
+                                    extra_setup="mkdir -p /dev/pts\nmount -t devpts devpts /dev/pts 2>/dev/null")
         args = [QEMU, *(["-enable-kvm", "-cpu", "host"] if how == "kvm" else ["-accel", "tcg", "-cpu", "max"]),
                 "-m", mem, "-smp", str(cpus), "-nographic", "-no-reboot", "-nic", "none", "-nodefaults",
                 "-serial", "stdio", "-monitor", "none",
