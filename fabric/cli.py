@@ -20,14 +20,14 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _lab_kernel(args: argparse.Namespace) -> int:
-    from fabric import labkernel
+    from fabric.lab import kernel as labkernel
 
     try:
         if args.action == "status":
             ok, missing = labkernel.capable()
             print("this kernel has ipip, IPVS and dummy" if ok else f"this kernel lacks: {', '.join(missing)}")
             print(f"lab kernel cache: {labkernel.CACHE} ({'ready' if labkernel.uml_binary().exists() else 'absent'})")
-            from fabric import labvm
+            from fabric.lab import vm as labvm
 
             vm_ok, vm_missing = labvm.capable()
             print("this kernel has IPv4 nftables NAT too" if vm_ok else
@@ -35,7 +35,7 @@ def _lab_kernel(args: argparse.Namespace) -> int:
             print(f"lab VM cache: {labvm.CACHE} ({'ready, ' + labvm.kernel_version() if labvm.ready() else 'absent'})")
             return 0
         if args.action == "prepare":
-            from fabric import labvm
+            from fabric.lab import vm as labvm
 
             if labkernel.capable()[0]:
                 print("lab kernel: not needed (this kernel has ipip, IPVS and dummy)")
@@ -50,7 +50,11 @@ def _lab_kernel(args: argparse.Namespace) -> int:
         if not command:
             print("fabric lab-kernel run: give a command after --", file=sys.stderr)
             return 2
-        return labkernel.run(command, timeout=args.timeout, backend=args.backend).returncode
+        if args.backend == "vm":
+            from fabric.lab import vm as labvm
+
+            return labvm.run(command, timeout=args.timeout).returncode
+        return labkernel.run(command, timeout=args.timeout).returncode
     except labkernel.LabKernelError as e:
         print(f"lab kernel: {e}", file=sys.stderr)
         return 1

@@ -2,8 +2,8 @@
 
 Tests marked `kernel` need a node-like kernel (ipip/IPVS/dummy); tests marked `nat` also need IPv4
 nftables NAT. When this host's kernel lacks the features, every selected test of a kind is run in ONE
-boot of its lab kernel — user-mode Linux (fabric.labkernel) for `kernel`, a qemu VM with Debian's
-kernel (fabric.labvm) for `nat` — and each outer test item reports its inner result: pass, fail
+boot of its lab kernel — user-mode Linux (fabric.lab.kernel) for `kernel`, a qemu VM with Debian's
+kernel (fabric.lab.vm) for `nat` — and each outer test item reports its inner result: pass, fail
 (with the inner traceback), or skip (with the inner reason). A test that the inner run did not
 report fails; nothing is counted as passing unseen.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fabric import labkernel, labvm
+from fabric.lab import kernel as labkernel, vm as labvm
 
 RESULTS_ENV = "FABRIC_KERNEL_RESULTS"
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from fabric import labkernel
+from fabric.lab import kernel as labkernel
 from fabric.lab import agent, clab, frr, netns
 from fabric.lab import checks as checks_mod
 from fabric.lab.checks import Http, Checks, Ping, Tcp

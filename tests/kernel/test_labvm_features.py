@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from fabric import labvm
+from fabric.lab import vm as labvm
 
 pytestmark = pytest.mark.nat
 

@@ -1,7 +1,7 @@
 """The proxy's nftables half with real IPVS: NodePort SNAT, hairpin, source ranges, UDP conntrack flush.
 
 Needs IPVS *and* IPv4 nftables NAT (marked `nat`): the UML lab kernel has no IPv4 NAT, so these run
-in the qemu lab VM (fabric.labvm, Debian's kernel) unless this host's kernel can do both.
+in the qemu lab VM (fabric.lab.vm, Debian's kernel) unless this host's kernel can do both.
 
 Topology: test_lb_dataplane's Lab (node-a with pods, `ext` on 192.168.100.0/24) plus a second node
 whose pod replies would bypass node-a:

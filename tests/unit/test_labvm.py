@@ -1,4 +1,4 @@
-"""fabric.labvm's pure parts: the initramfs archive, module load order, the accel choice."""
+"""fabric.lab.vm's pure parts: the initramfs archive, module load order, the accel choice."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fabric import labvm
-from fabric.labkernel import LabKernelError
+from fabric.lab import vm as labvm
+from fabric.lab.kernel import LabKernelError
 
 
 def _read_newc(data: bytes) -> dict[str, tuple[int, bytes]]:

@@ -1,6 +1,6 @@
 """A second lab kernel: Debian's own kernel in a qemu VM (KVM, else TCG) booted on the host's root.
 
-User-mode Linux (fabric.labkernel) has IPVS, ipip and dummy but no IPv4 nftables families and no
+User-mode Linux (fabric.lab.kernel) has IPVS, ipip and dummy but no IPv4 nftables families and no
 IPv4 NAT, so NodePort masquerade, hairpin and loadBalancerSourceRanges can't be shown there. Debian's
 `linux-image-amd64` has everything as modules. `run()` boots it once for one command:
 
@@ -25,8 +25,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from fabric.labkernel import IN_LAB_ENV, MODULES, REPO_ROOT, LabKernelError, RunResult, in_lab_kernel
-from fabric import labkernel
+from fabric.lab.kernel import IN_LAB_ENV, MODULES, REPO_ROOT, LabKernelError, RunResult, in_lab_kernel
+from fabric.lab import kernel as labkernel
 
 CACHE = Path(os.environ.get("FABRIC_LABVM_CACHE", REPO_ROOT / ".cache" / "labvm"))
 IN_VM_ENV = "FABRIC_IN_LABVM"

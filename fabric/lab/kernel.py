@@ -31,7 +31,7 @@ MODULES = [
     "sch_netem", "xt_ipvs",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("FABRIC_LABKERNEL_CACHE", REPO_ROOT / ".cache" / "labkernel"))
 SUITE = "forky"
 IN_LAB_ENV = "FABRIC_IN_LABKERNEL"
@@ -222,24 +222,15 @@ def write_init(work: Path, command: list[str], cwd: str, *, modules: list[str], 
     return init
 
 
-BACKENDS = ("uml", "vm")  # vm: Debian's kernel in qemu (fabric.labvm), for IPv4 nftables NAT
-
-
 def run(command: list[str], *, timeout: float = 1800, mem: str = "2G", stream: bool = True,
-        cwd: str | None = None, log=print, backend: str = "uml") -> RunResult:
+        cwd: str | None = None, log=print) -> RunResult:
     """Run `command` in a capable kernel and return its status and output.
 
     On a capable host it just runs. Otherwise UML boots with the host's root as its root (so the
     venv and every tool are there), runs the command once and powers off. Output is streamed to our
     stdout while it runs when `stream` is set. On timeout the whole UML process group is killed.
-    backend="vm" runs it in fabric.labvm instead (a kernel that also has IPv4 nftables NAT).
+    fabric.lab.vm.run() is the same for the qemu VM (a kernel that also has IPv4 nftables NAT).
     """
-    if backend == "vm":
-        from fabric import labvm  # imports this module
-
-        return labvm.run(command, timeout=timeout, mem=mem, stream=stream, cwd=cwd, log=log)
-    if backend != "uml":
-        raise LabKernelError(f"unknown lab kernel backend {backend!r} (one of {', '.join(BACKENDS)})")
     cwd = cwd or os.getcwd()
     if in_lab_kernel() or capable()[0]:
         return _run_here(command, timeout=timeout, stream=stream, cwd=cwd)
