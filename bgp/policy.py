@@ -17,9 +17,27 @@ from __future__ import annotations
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
-from typing import Iterable
+from typing import Iterable, Protocol
 
-from fabric.config import Pool, PrefixFilter
+
+class Pool(Protocol):
+    """What import policy needs of an IP pool (fabric.config.Pool satisfies it)."""
+
+    @property
+    def cidr(self) -> IPv4Network: ...
+    @property
+    def disabled(self) -> bool: ...
+
+
+class PrefixFilter(Protocol):
+    """allow/deny/maxLength of a peer's filter (fabric.config.PrefixFilter satisfies it)."""
+
+    @property
+    def allow(self) -> list[IPv4Network]: ...
+    @property
+    def deny(self) -> list[IPv4Network]: ...
+    @property
+    def max_length(self) -> int | None: ...
 
 
 @dataclass(frozen=True)

@@ -512,6 +512,6 @@ class _ThreadSourceAdapter:
 
 
 def _make_service_proxy(agent: Agent):
-    from loadbalancer.agent_glue import make_service_proxy
+    from fabric.services import make_service_proxy
 
     return make_service_proxy(agent.cfg)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,6 +17,8 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 from pydantic.alias_generators import to_camel
+
+from ipip.model import IPIPMode  # the route model owns the enum; the config re-exports it
 
 # libyaml's C loader when PyYAML has it (cluster files with thousands of services re-parse on change).
 _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -90,12 +91,6 @@ Seconds = Annotated[float, Field(gt=0, le=86400)]
 
 class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
-
-
-class IPIPMode(str, Enum):
-    ALWAYS = "Always"
-    CROSS_SUBNET = "CrossSubnet"
-    NEVER = "Never"
 
 
 class Pool(Model):

@@ -13,7 +13,27 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from fabric.config import IPIPMode, Pool
+from enum import Enum
+from typing import Protocol
+
+
+class IPIPMode(str, Enum):
+    """When pod traffic to a peer is encapsulated (Calico's ipipMode)."""
+
+    ALWAYS = "Always"
+    CROSS_SUBNET = "CrossSubnet"
+    NEVER = "Never"
+
+
+class Pool(Protocol):
+    """What the route model needs of an IP pool (fabric.config.Pool satisfies it)."""
+
+    @property
+    def cidr(self) -> ipaddress.IPv4Network: ...
+    @property
+    def ipip_mode(self) -> IPIPMode: ...
+    @property
+    def disabled(self) -> bool: ...
 
 IPIP_OVERHEAD = 20  # outer IPv4 header
 

@@ -19,14 +19,13 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from fabric.config import ServiceSettings
-from fabric.tracker import Changes, Store
 from loadbalancer import ipvs_kernel as k
 from loadbalancer.health import HealthServers
 from loadbalancer.model import build_service, slice_service_key
 from loadbalancer.nft import render_delta, render_full
 from loadbalancer.plan import Plan, diff_virtual_servers
-from loadbalancer.types import HealthCheck, NftElement, NodeContext, ServiceError, ServiceState, VirtualServer, VSKey
+from loadbalancer.types import (ChangeSet as Changes, HealthCheck, NftElement, NodeContext, ObjectStore as Store,
+                               ProxySettings as ServiceSettings, ServiceError, ServiceState, VirtualServer, VSKey)
 
 
 @dataclass

@@ -5,7 +5,40 @@ Plain frozen values, no I/O. Addresses are IPv4 dotted strings; protocols are "T
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class ProxySettings(Protocol):
+    """The service settings the proxy needs (fabric.config.ServiceSettings satisfies it)."""
+
+    @property
+    def device(self) -> str: ...
+    @property
+    def scheduler(self) -> str: ...
+    @property
+    def node_port_addresses(self) -> Sequence[ipaddress.IPv4Network]: ...
+    @property
+    def masquerade_all(self) -> bool: ...
+    @property
+    def cluster_cidr(self) -> Sequence[ipaddress.IPv4Network]: ...
+
+
+class ObjectStore(Protocol):
+    """Read access to current cluster objects by kind and key (fabric.tracker.Store satisfies it)."""
+
+    def get(self, kind: str, key: str) -> Any: ...
+    def snapshot(self, kind: str) -> dict[str, Any]: ...
+
+
+class ChangeSet(Protocol):
+    """Which keys changed per kind since the last sync (fabric.tracker.Changes satisfies it)."""
+
+    full: bool
+
+    def of(self, kind: str) -> set[str]: ...
 
 PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132}
 PROTO_NAMES = {v: k for k, v in PROTOCOLS.items()}
