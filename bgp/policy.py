@@ -1,4 +1,5 @@
 """Import filters for learned routes. Pure: prefixes in, (accepted, rejections with reasons) out.
+`filter_verdict` is also what an external peer's export filter applies to our announcements.
 
 Mesh peers (other nodes) may only give us pod routes: prefixes inside an enabled pool, never one of
 our own pod CIDRs, never a prefix that covers a node address (that would hijack the underlay), never
@@ -58,6 +59,21 @@ def _covered(sorted_ints: list[int], prefix: IPv4Network) -> IPv4Address | None:
     return IPv4Address(sorted_ints[i]) if i < len(sorted_ints) and sorted_ints[i] <= hi else None
 
 
+def filter_verdict(f: PrefixFilter | None, prefix: IPv4Network) -> str | None:
+    """None when a peer's import or export filter passes `prefix`, else why not. Without a filter
+    everything passes; an empty allow list allows every prefix (deny and maxLength still apply)."""
+    if f is None:
+        return None
+    for d in f.deny:
+        if prefix.subnet_of(d):
+            return f"denied by {d}"
+    if f.allow and not any(prefix.subnet_of(a) for a in f.allow):
+        return "not inside an allowed prefix"
+    if f.max_length is not None and prefix.prefixlen > f.max_length:
+        return f"longer than maxLength {f.max_length}"
+    return None
+
+
 @dataclass(frozen=True)
 class MeshImportPolicy:
     pools: tuple[Pool, ...]
@@ -104,17 +120,7 @@ class ExternalImportPolicy:
     def check(self, prefix: IPv4Network) -> str | None:
         if prefix.prefixlen == 32 and prefix.network_address in self.node_addresses:
             return f"is node address {prefix.network_address}"
-        f = self.prefix_filter
-        if f is None:
-            return None
-        for d in f.deny:
-            if prefix.subnet_of(d):
-                return f"denied by {d}"
-        if f.allow and not any(prefix.subnet_of(a) for a in f.allow):
-            return "not inside an allowed prefix"
-        if f.max_length is not None and prefix.prefixlen > f.max_length:
-            return f"longer than maxLength {f.max_length}"
-        return None
+        return filter_verdict(self.prefix_filter, prefix)
 
     def filter(self, prefixes: Iterable[IPv4Network], held: Iterable[IPv4Network] = ()
                ) -> tuple[list[IPv4Network], list[Rejection]]:

@@ -3,7 +3,8 @@
 Mesh neighbors are every other node (Calico's node-to-node mesh) in the cluster ASN (or a node's
 own ASN); external peers (ToRs, route reflectors) come from config, selected by node labels.
 Announcements: this node's pod CIDRs to everyone; configured service ranges to external peers only
-(mesh members route services themselves through IPVS).
+(mesh members route services themselves through IPVS). An external peer's `export` filter removes
+that peer from the targets of every prefix it does not pass: what it denies is never announced to it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from bgp.exabgp_config import Neighbor
+from bgp.policy import filter_verdict
 from fabric.config import AgentConfig, Peer
 from fabric.inputs import NodeInfo
 
@@ -99,6 +101,27 @@ def desired_announcements(cfg: AgentConfig, pod_cidrs: list[ipaddress.IPv4Networ
             for c in cidrs:
                 if c not in out:
                     out[c] = DesiredAnnouncement(c, me, comm, externals, f"advertise.{label} (external peers only)")
+    return apply_export_filters(cfg, out, neighbors)
+
+
+def apply_export_filters(cfg: AgentConfig, anns: dict[ipaddress.IPv4Network, DesiredAnnouncement],
+                         neighbors: list[Neighbor]) -> dict[ipaddress.IPv4Network, DesiredAnnouncement]:
+    """Drop each external neighbor whose `export` filter denies a prefix from that prefix's targets.
+    An announcement left with no target stays in the map (with an empty set) so explain can say why."""
+    filters = {p.name: p.export_filter for p in cfg.peers if p.export_filter is not None}
+    filtered = [n.name for n in neighbors if n.kind == "external" and n.name in filters]
+    if not filtered:
+        return anns
+    every = frozenset(n.name for n in neighbors)
+    out: dict[ipaddress.IPv4Network, DesiredAnnouncement] = {}
+    for prefix, a in anns.items():
+        targets = every if a.neighbors is None else a.neighbors
+        denied = {name: why for name in filtered if name in targets
+                  and (why := filter_verdict(filters[name], prefix)) is not None}
+        if denied:
+            note = "; ".join(f"not to {name}: export filter, {why}" for name, why in sorted(denied.items()))
+            a = DesiredAnnouncement(a.prefix, a.next_hop, a.communities, targets - denied.keys(), f"{a.why}; {note}")
+        out[prefix] = a
     return out
 
 
@@ -153,4 +176,4 @@ def service_announcements(cfg: AgentConfig, services: dict[str, dict], slices: d
                 out[net] = DesiredAnnouncement(net, me, comm, externals,
                                                f"service {key} (externalTrafficPolicy Local) has a ready endpoint "
                                                f"on this node")
-    return out
+    return apply_export_filters(cfg, out, neighbors)

@@ -81,7 +81,7 @@ def render_plan(r: dict[str, Any]) -> str:
     out.append("neighbors:")
     out += [f"  {n.name:<16} {n.peer_address}  AS {n.peer_as}  {n.kind}" for n in r["neighbors"]] or ["  (none)"]
     out.append("announcements:")
-    out += [f"  {a.prefix}  next-hop {a.next_hop}  to {'all' if a.neighbors is None else ','.join(sorted(a.neighbors))}"
+    out += [f"  {a.prefix}  next-hop {a.next_hop}  to {'all' if a.neighbors is None else ','.join(sorted(a.neighbors)) or 'nobody'}"
             for a in r["announcements"].values()] or ["  (none)"]
     out.append(f"routes: {len(plan.routes)} desired; changes: {len(diff.delete)} delete, {len(diff.replace)} replace")
     for d in diff.delete:

@@ -119,3 +119,46 @@ def test_pod_routes_only_from_the_cluster_ibgp_rr_yes_ebgp_no() -> None:
     assert learned == {N("10.244.3.0/24"): {("rr", A("10.0.2.21"))}, N("10.0.9.0/24"): {("rr", A("10.0.1.1"))}}
     assert any("tor: 10.244.3.0/24" in x and "eBGP" in x for x in fresh)
     assert any("rr: 10.244.1.0/24" in x and "pod CIDR" in x for x in fresh)
+
+
+def test_export_filter_removes_the_peer_from_every_prefix_it_denies() -> None:
+    from bgp.announce import Announcement, diff_commands
+
+    tor_b = {"name": "tor-b", "address": "10.0.1.2", "asn": 65001}
+    c = make_cfg(peers=[dict(TOR, export={"allow": ["10.96.0.0/12"], "deny": ["10.96.0.128/25"], "maxLength": 24}),
+                        tor_b],
+                 advertise={"serviceClusterIPs": ["10.96.0.0/24", "10.96.0.128/25"],
+                            "serviceLoadBalancerIPs": ["10.96.100.0/24"]})
+    ns, _ = desired_neighbors(c, NODES)
+    anns = desired_announcements(c, [N("10.244.1.0/24")], ns)
+    # the pod CIDR is outside tor's allow list: every neighbor but tor (the mesh and tor-b keep it)
+    assert anns[N("10.244.1.0/24")].neighbors == frozenset({"a2", "b1", "tor-b"})
+    assert "not to tor: export filter, not inside an allowed prefix" in anns[N("10.244.1.0/24")].why
+    assert anns[N("10.96.0.0/24")].neighbors == frozenset({"tor", "tor-b"})        # allowed
+    assert anns[N("10.96.0.128/25")].neighbors == frozenset({"tor-b"})             # denied by deny
+    # the ETP=Local /32 is longer than tor's maxLength
+    services = {"default/local": svc("local", "Local", ["10.96.100.10"])}
+    slices = {"default/local-x": eps("local", "a1")}
+    svc_anns = service_announcements(c, services, slices, ns)
+    assert svc_anns[N("10.96.100.10/32")].neighbors == frozenset({"tor-b"})
+    assert "longer than maxLength 24" in svc_anns[N("10.96.100.10/32")].why
+    # what ExaBGP is told: tor's address appears only with the prefix it passes
+    anns.update(svc_anns)
+    addresses = {n.name: n.peer_address for n in ns}
+    cmds = diff_commands({}, {p: Announcement(a.prefix, a.next_hop, neighbors=a.neighbors) for p, a in anns.items()},
+                         addresses)
+    to_tor = {p for c in cmds if "neighbor 10.0.1.1 " in c for p in c.split(" nlri ")[1].split()}
+    assert to_tor == {"10.96.0.0/24", "10.96.100.0/24"}, cmds
+    assert not any(c.startswith("announce") for c in cmds), "no command may go to every neighbor"
+
+
+def test_export_filter_that_denies_everything_leaves_an_announcement_with_no_target() -> None:
+    c = make_cfg(peers=[dict(TOR, export={"deny": ["0.0.0.0/0"]})], cluster={"mesh": False})
+    ns, _ = desired_neighbors(c, NODES)
+    anns = desired_announcements(c, [N("10.244.1.0/24")], ns)
+    assert anns[N("10.244.1.0/24")].neighbors == frozenset()
+    assert "not to tor: export filter, denied by 0.0.0.0/0" in anns[N("10.244.1.0/24")].why
+    # without export filters nothing changes: the pod CIDR goes to every neighbor
+    c = make_cfg(peers=[TOR])
+    ns, _ = desired_neighbors(c, NODES)
+    assert desired_announcements(c, [N("10.244.1.0/24")], ns)[N("10.244.1.0/24")].neighbors is None
