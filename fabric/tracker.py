@@ -10,6 +10,9 @@ Kinds and keys:
 - "Service": key = "namespace/name", value = the Service as a Kubernetes-shaped dict
 - "EndpointSlice": key = "namespace/name" of the slice, value = Kubernetes-shaped dict
 - "BGPConfiguration", "BGPPeer", "IPPool": key = name, value = the custom resource as a dict
+- "Pod": key = "namespace/name", value = fabric.inputs.PodInfo
+- "Namespace": key = name, value = fabric.inputs.NamespaceInfo
+- "NetworkPolicy": key = "namespace/name", value = the networking.k8s.io/v1 object as a dict
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-KINDS = ("Node", "Service", "EndpointSlice", "BGPConfiguration", "BGPPeer", "IPPool")
+KINDS = ("Node", "Service", "EndpointSlice", "BGPConfiguration", "BGPPeer", "IPPool", "Pod", "Namespace",
+         "NetworkPolicy")
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The Kubernetes source: list + watch Nodes, Services, EndpointSlices and the bgp-fabric.io CRDs into a Store.
+"""The Kubernetes source: list + watch Nodes, Services, EndpointSlices, the bgp-fabric.io CRDs, and for
+NetworkPolicy Pods, Namespaces and networking.k8s.io/v1 NetworkPolicies into a Store.
 
 Threads, not asyncio: the official `kubernetes` client is synchronous, so each kind gets one daemon
 thread running a `Reflector` (fabric.sources.k8s_watch). Threads only record into the thread-safe
@@ -10,6 +11,8 @@ What is recorded (see fabric.tracker for kinds and keys):
   bad edit never withdraws a working node's routes.
 - Service, EndpointSlice -> dicts in API JSON shape (camelCase), normalised by k8s_convert.normalize.
 - BGPConfiguration, BGPPeer, IPPool -> raw dicts; fabric.crds validates them.
+- Pod -> `fabric.inputs.PodInfo`, Namespace -> `fabric.inputs.NamespaceInfo` (k8s_convert); NetworkPolicy
+  -> normalised dicts (fabric.policy validates them and skips a bad one with a reason).
 
 A relist (first start, 410 Gone) goes through `Store.replace`, so it records only real differences.
 Errors (API server down, dropped watches, 5xx) never delete anything: the reflector keeps its
@@ -117,6 +120,9 @@ class KubernetesSource:
             "Node": core.list_node,
             "Service": core.list_service_for_all_namespaces,
             "EndpointSlice": k8s.DiscoveryV1Api(self.api_client).list_endpoint_slice_for_all_namespaces,
+            "Pod": core.list_pod_for_all_namespaces,
+            "Namespace": core.list_namespace,
+            "NetworkPolicy": k8s.NetworkingV1Api(self.api_client).list_network_policy_for_all_namespaces,
         }
         for kind, plural in CRD_PLURALS.items():
             lists[kind] = (lambda plural: lambda **kw: custom.list_cluster_custom_object(

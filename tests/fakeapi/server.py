@@ -48,6 +48,9 @@ RESOURCES: dict[str, Resource] = {r.kind: r for r in (
     Resource("BGPConfiguration", "/apis/bgp-fabric.io/v1/bgpconfigurations", "bgp-fabric.io/v1", False, False),
     Resource("BGPPeer", "/apis/bgp-fabric.io/v1/bgppeers", "bgp-fabric.io/v1", False, False),
     Resource("IPPool", "/apis/bgp-fabric.io/v1/ippools", "bgp-fabric.io/v1", False, False),
+    Resource("Pod", "/api/v1/pods", "v1", True, True),
+    Resource("Namespace", "/api/v1/namespaces", "v1", False, True),
+    Resource("NetworkPolicy", "/apis/networking.k8s.io/v1/networkpolicies", "networking.k8s.io/v1", True, True),
 )}
 _BY_PATH = {r.path: r for r in RESOURCES.values()}
 

@@ -74,7 +74,8 @@ def test_cluster_role_reads_only_what_the_source_watches() -> None:
     granted = {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
     expected = {(g, r, v) for g, r in [("", "nodes"), ("", "services"), ("discovery.k8s.io", "endpointslices"),
                                        ("bgp-fabric.io", "bgpconfigurations"), ("bgp-fabric.io", "bgppeers"),
-                                       ("bgp-fabric.io", "ippools")]
+                                       ("bgp-fabric.io", "ippools"), ("", "pods"), ("", "namespaces"),
+                                       ("networking.k8s.io", "networkpolicies")]
                 for v in ("get", "list", "watch")}
     assert granted == expected
     assert not any("resourceNames" in r or "nonResourceURLs" in r for r in rules)
