@@ -46,7 +46,7 @@ def _lab_kernel(args: argparse.Namespace) -> int:
             else:
                 labvm.ensure()
             return 0
-        command = args.command[1:] if args.command[:1] == ["--"] else args.command
+        command = args.command
         if not command:
             print("fabric lab-kernel run: give a command after --", file=sys.stderr)
             return 2
@@ -161,11 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_plan)
 
     k = sub.add_parser("lab-kernel", help="the kernel that tests and labs run in")
-    k.add_argument("action", choices=["status", "prepare", "run"])
-    k.add_argument("command", nargs=argparse.REMAINDER)
-    k.add_argument("--timeout", type=float, default=1800)
-    k.add_argument("--backend", choices=["uml", "vm"], default="uml",
-                   help="uml: user-mode Linux (default); vm: Debian's kernel in qemu, has IPv4 nftables NAT")
+    ksub = k.add_subparsers(dest="action", required=True)
+    ksub.add_parser("status", help="does this kernel need the lab kernel; is its cache ready")
+    ksub.add_parser("prepare", help="fetch and prepare the lab kernels this machine needs")
+    kr = ksub.add_parser("run", help="boot the lab kernel once and run a command in it",
+                         usage="fabric lab-kernel run [--timeout S] [--backend {uml,vm}] -- COMMAND [ARG ...]")
+    # Also accepted before `run` (older spelling: `lab-kernel --backend vm run -- CMD`).
+    for parser, default in ((k, 1800.0), (kr, argparse.SUPPRESS)):
+        parser.add_argument("--timeout", type=float, default=default, help="seconds before the kernel is killed")
+        parser.add_argument("--backend", choices=["uml", "vm"], default="uml" if default == 1800.0 else default,
+                            help="uml: user-mode Linux (default); vm: Debian's kernel in qemu, has IPv4 nftables NAT")
+    kr.add_argument("command", nargs="*", metavar="COMMAND",
+                    help="the command and its arguments, after -- (options after -- belong to the command)")
     k.set_defaults(func=_lab_kernel)
 
     lab = sub.add_parser("lab", help="containerlab-style labs built as namespaces")
