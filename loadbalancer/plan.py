@@ -50,12 +50,8 @@ class Plan:
             out.append(f"  - vs   {k[0]} {k[1]}:{k[2]}")
         for k, r in self.real_delete:
             out.append(f"  - real {k[0]} {k[1]}:{k[2]} -> {r[0]}:{r[1]}")
-        for v in self.vs_add:
-            out.append(f"  + vs   {v.proto} {v.addr}:{v.port} {v.scheduler}"
-                       + (f" persistent {v.persistence}" if v.persistence else ""))
-        for v in self.vs_update:
-            out.append(f"  ~ vs   {v.proto} {v.addr}:{v.port} {v.scheduler}"
-                       + (f" persistent {v.persistence}" if v.persistence else ""))
+        out += [f"  + vs   {v.proto} {v.addr}:{v.port} {v.options_text()}" for v in self.vs_add]
+        out += [f"  ~ vs   {v.proto} {v.addr}:{v.port} {v.options_text()}" for v in self.vs_update]
         for k, r in self.real_add:
             out.append(f"  + real {k[0]} {k[1]}:{k[2]} -> {r.addr}:{r.port} weight {r.weight}")
         for k, r in self.real_update:

@@ -274,7 +274,7 @@ class ServiceProxy:
                 nft_err = kernel.nft(self._render_nft(st.nft for st in self._states.values()))
         if not nft_missing and nft_err:
             blame(self.ERROR_NODE, f"nft: {nft_err}")
-        for e in (kernel.conntrack_flush_udp(plan.conntrack_flush) if plan.conntrack_flush else []):
+        for _entry, e in (kernel.conntrack_flush_udp(plan.conntrack_flush) if plan.conntrack_flush else []):
             res.errors.setdefault(self.ERROR_NODE, []).append(e)
         if plan.health is not None:
             if self._health is None:

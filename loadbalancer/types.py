@@ -43,6 +43,23 @@ class ChangeSet(Protocol):
 PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132}
 PROTO_NAMES = {v: k for k, v in PROTOCOLS.items()}
 
+# IPVS service flags (include/uapi/linux/ip_vs.h). PERSISTENT follows `persistence`; HASHED is the kernel's.
+SVC_F_PERSISTENT, SVC_F_HASHED, SVC_F_ONEPACKET = 0x1, 0x2, 0x4
+SVC_F_SCHED1, SVC_F_SCHED2, SVC_F_SCHED3 = 0x8, 0x10, 0x20
+SVC_F_SCHED_FALLBACK = SVC_F_SCHED1  # IP_VS_SVC_F_SCHED_SH_FALLBACK == IP_VS_SVC_F_SCHED_MH_FALLBACK
+SVC_F_SCHED_PORT = SVC_F_SCHED2  # IP_VS_SVC_F_SCHED_SH_PORT == IP_VS_SVC_F_SCHED_MH_PORT (never set, see services.md)
+SVC_F_OPTIONS = SVC_F_ONEPACKET | SVC_F_SCHED1 | SVC_F_SCHED2 | SVC_F_SCHED3  # what VirtualServer.flags holds
+# sh and mh hash a client onto one destination; without the fallback flag a client hashed onto a weight-0
+# (terminating) destination is refused although others are ready (ipvsadm's `-b sh-fallback` / `mh-fallback`).
+SCHED_FLAGS = {"sh": SVC_F_SCHED_FALLBACK, "mh": SVC_F_SCHED_FALLBACK}
+
+
+def flag_names(scheduler: str, flags: int) -> list[str]:
+    names = {SVC_F_ONEPACKET: "ops", SVC_F_SCHED1: "flag-1", SVC_F_SCHED2: "flag-2", SVC_F_SCHED3: "flag-3"}
+    if scheduler in ("sh", "mh"):
+        names.update({SVC_F_SCHED_FALLBACK: f"{scheduler}-fallback", SVC_F_SCHED_PORT: f"{scheduler}-port"})
+    return [n for bit, n in sorted(names.items()) if flags & bit]
+
 VSKey = tuple[str, str, int]  # (proto, vip, port)
 RealKey = tuple[str, int]  # (address, port)
 
@@ -66,6 +83,11 @@ class VirtualServer:
     scheduler: str
     persistence: int = 0  # seconds of ClientIP affinity; 0 = none
     reals: tuple[RealServer, ...] = ()  # sorted by (addr, port)
+    flags: int = -1  # IPVS flags of SVC_F_OPTIONS; -1 (default): the ones the scheduler needs (SCHED_FLAGS)
+
+    def __post_init__(self) -> None:
+        if self.flags == -1:
+            object.__setattr__(self, "flags", SCHED_FLAGS.get(self.scheduler, 0))
 
     @property
     def key(self) -> VSKey:
@@ -75,12 +97,17 @@ class VirtualServer:
         return {r.key: r for r in self.reals}
 
     def same_options(self, other: "VirtualServer") -> bool:
-        return self.scheduler == other.scheduler and self.persistence == other.persistence
+        return (self.scheduler == other.scheduler and self.persistence == other.persistence
+                and self.flags == other.flags)
+
+    def options_text(self) -> str:
+        """`rr`, `sh sh-fallback persistent 60`: the scheduler and options as ipvsadm shows them."""
+        return " ".join([self.scheduler, *flag_names(self.scheduler, self.flags)]
+                        + ([f"persistent {self.persistence}"] if self.persistence else []))
 
     def __str__(self) -> str:
-        aff = f" persistent {self.persistence}" if self.persistence else ""
         reals = ", ".join(f"{r.addr}:{r.port} w{r.weight}" for r in self.reals) or "no endpoints"
-        return f"{self.proto} {self.addr}:{self.port} {self.scheduler}{aff} -> {reals}"
+        return f"{self.proto} {self.addr}:{self.port} {self.options_text()} -> {reals}"
 
 
 # nftables elements, each a tuple rendered into one named set of `table inet bgp-fabric`.

@@ -28,7 +28,9 @@ import pytest
 
 from fabric.config import ServiceSettings
 from fabric.tracker import Store
+from loadbalancer import ipvs_kernel as k
 from loadbalancer.proxy import ServiceProxy
+from loadbalancer.types import SVC_F_SCHED_FALLBACK, VirtualServer
 
 pytestmark = pytest.mark.kernel
 
@@ -72,6 +74,26 @@ for _ in range(n):
 print(json.dumps(out))
 '''
 
+# One new TCP connection from each given source address; "refused" / "ERROR ..." when it fails.
+FROM_EACH = r'''
+import json, socket, sys
+ip, port, sources = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+out = []
+for src in sources:
+    s = socket.socket()
+    s.settimeout(3)
+    try:
+        s.bind((src, 0)); s.connect((ip, port)); s.sendall(b"hi\n")
+        out.append(s.makefile().readline().split()[0])
+    except ConnectionRefusedError:
+        out.append("refused")
+    except OSError as e:
+        out.append(f"ERROR {e.__class__.__name__}")
+    finally:
+        s.close()
+print(json.dumps(out))
+'''
+
 # An open connection driven line by line through stdin/stdout (for the draining test).
 HOLD = r'''
 import socket, sys
@@ -101,6 +123,7 @@ class Lab:
         (self.dir / "echo.py").write_text(ECHO)
         (self.dir / "client.py").write_text(CLIENT)
         (self.dir / "hold.py").write_text(HOLD)
+        (self.dir / "from_each.py").write_text(FROM_EACH)
         self.procs: list[subprocess.Popen] = []
 
     def ex(self, ns: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -138,6 +161,10 @@ class Lab:
 
     def request(self, src: str, proto: str, ip: str, port: int, n: int = 1) -> list[str]:
         r = self.ex(src, sys.executable, str(self.dir / "client.py"), proto, ip, str(port), str(n))
+        return json.loads(r.stdout)
+
+    def from_each(self, ns: str, ip: str, port: int, sources: list[str]) -> list[str]:
+        r = self.ex(ns, sys.executable, str(self.dir / "from_each.py"), ip, str(port), *sources)
         return json.loads(r.stdout)
 
     def hold(self, src: str, ip: str, port: int) -> subprocess.Popen:
@@ -229,6 +256,8 @@ def kernel_matches(proxy: ServiceProxy) -> None:
     desired = proxy.desired()
     actual = {k: v for k, v in proxy.kernel.ipvs_dump().items() if k in desired or k[1] in proxy.kernel.addresses()}
     assert actual == desired
+    # per-key reads (a failed service's repair) see what the dump sees; an absent key is left out
+    assert proxy.kernel.ipvs_get([*desired, ("TCP", "10.96.255.255", 1)]) == desired
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,6 +363,32 @@ def test_scale_terminate_drain_and_resync(lab: Lab, proxy: ServiceProxy, store: 
     assert proxy.apply(plan).ok
     kernel_matches(proxy)
     assert not proxy.resync()  # nothing left to do
+
+
+def test_sh_with_a_terminating_endpoint_refuses_no_client(lab: Lab, proxy: ServiceProxy, store: Store) -> None:
+    """Finding 15: sh hashes each client address onto one destination; a terminating one stays at weight 0
+    and, without IP_VS_SVC_F_SCHED_SH_FALLBACK, the clients hashed onto it are refused."""
+    sources = [f"192.168.100.{i}" for i in range(100, 150)]
+    subprocess.run(["ip", "-n", lab.ns["ext"], "-batch", "-"], check=True, text=True,
+                   input="".join(f"addr add {a}/24 dev eth0\n" for a in sources))
+    s = svc("shsvc", "10.96.0.60", [{"name": "tcp", "port": 80, "protocol": "TCP"}])
+    s["metadata"]["annotations"] = {"bgp-fabric.io/scheduler": "sh"}
+    term = {"ready": False, "serving": True, "terminating": True}
+    set_service(store, s, eps("shsvc", {"pod1": READY, "pod2": term}, ports=(("tcp", 8080, "TCP"),)))
+    sync(proxy, store)
+    key = ("TCP", "10.96.0.60", 80)
+    v = proxy.kernel.ipvs_dump()[key]
+    assert {r.addr: r.weight for r in v.reals} == {PODS["pod1"]: 1, PODS["pod2"]: 0}
+    assert v.flags == SVC_F_SCHED_FALLBACK and "sh-fallback" in str(v)
+    assert lab.from_each("ext", "10.96.0.60", 80, sources) == ["pod1"] * 50  # 50 of 50 new connections
+
+    # The same virtual server without the flag (as the proxy programmed it before): clients are refused.
+    assert not proxy.kernel.ipvs_run([k.op_set_vs(VirtualServer(*key, "sh", flags=0))])
+    without = lab.from_each("ext", "10.96.0.60", 80, sources)
+    assert set(without) == {"pod1", "refused"} and without.count("refused") >= 5, without
+    plan = proxy.resync()  # the flag is part of the compared options: drift is repaired
+    assert [x.key for x in plan.vs_update] == [key] and proxy.apply(plan).ok
+    assert lab.from_each("ext", "10.96.0.60", 80, sources) == ["pod1"] * 50
 
 
 def test_delete_service_removes_everything(lab: Lab, proxy: ServiceProxy, store: Store) -> None:

@@ -60,7 +60,8 @@ class FakeKernel:
 
     def ipvs_dump(self) -> dict:
         return {key: VirtualServer(*key, v["sched"], v["timeout"],
-                                   tuple(sorted(RealServer(a, p, w) for (a, p), w in v["reals"].items())))
+                                   tuple(sorted(RealServer(a, p, w) for (a, p), w in v["reals"].items())),
+                                   v.get("flags", 0))
                 for key, v in self.vs.items()}
 
     def ipvs_run(self, ops: list[k.Op]) -> list[k.OpError]:
@@ -89,7 +90,7 @@ class FakeKernel:
             flags = struct.unpack("=II", s[k.SVC_FLAGS])[0]
             timeout = struct.unpack("=I", s[k.SVC_TIMEOUT])[0] if flags & k.SVC_F_PERSISTENT else 0
             entry = self.vs.setdefault(key, {"reals": {}})
-            entry.update(sched=s[k.SVC_SCHED].rstrip(b"\0").decode(), timeout=timeout)
+            entry.update(sched=s[k.SVC_SCHED].rstrip(b"\0").decode(), timeout=timeout, flags=flags & k.SVC_F_OPTIONS)
             return 0
         if key not in self.vs:
             return errno.ESRCH
@@ -283,7 +284,8 @@ def test_request_bytes_match_pyroute2() -> None:
     v = VirtualServer("UDP", "10.96.0.10", 53, "sh", 60)
     ours = dict(k._attrs(dict(k._attrs(k.op_add_vs(v).payload))[k.ATTR_SERVICE]))
     theirs = pr_attrs("IPVS_CMD_ATTR_SERVICE", IPVSService(addr="10.96.0.10", port=53, protocol=17, sched_name="sh",
-                                                           timeout=60, flags={"flags": 1, "mask": 0xFFFFFFFF}))
+                                                           timeout=60, flags={"flags": 1 | 8, "mask": 0xFFFFFFFF}))
+    # persistent | IP_VS_SVC_F_SCHED_SH_FALLBACK: sh skips a weight-0 destination instead of refusing
     assert ours == theirs
     d = dict(k._attrs(dict(k._attrs(k.op_add_real(v.key, RealServer("10.244.0.1", 5353, 0)).payload))[k.ATTR_DEST]))
     theirs_d = pr_attrs("IPVS_CMD_ATTR_DEST", IPVSDest(addr="10.244.0.1", port=5353, fwd_method=0, weight=0))
