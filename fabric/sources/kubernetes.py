@@ -20,7 +20,9 @@ resourceVersion, retries with backoff and jitter, and resumes the watch (or reli
 
 Also: `read_secret(name, key)` for BGP peer passwords (a Secret in the agent's namespace, readable
 only through the namespaced Role in manifests/; values never logged), and `report_problem(obj, msg)`
-which records a Warning Event about a bad custom resource in the agent's namespace.
+which records a Warning Event about a bad object: in the object's own namespace, or in `default` for
+a cluster-scoped object (the API server refuses an Event whose namespace differs from its object's;
+for cluster-scoped objects it accepts only `default`).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ GROUP, VERSION = "bgp-fabric.io", "v1"
 CRD_PLURALS = {"BGPConfiguration": "bgpconfigurations", "BGPPeer": "bgppeers", "IPPool": "ippools"}
 NAMESPACE_ENV = "POD_NAMESPACE"  # the agent's namespace, from the downward API
 DEFAULT_NAMESPACE = "bgp-fabric"
+CLUSTER_EVENTS_NAMESPACE = "default"  # where the API server accepts Events about cluster-scoped objects
 COMPONENT = "bgp-fabric"
 
 
@@ -93,6 +96,12 @@ def default_api_client(cfg: KubernetesSourceConfig) -> k8s.ApiClient:
         raise SourceError(f"source.kubeconfig: cannot load {where}: {e}") from None
     conf.retries = False
     return k8s.ApiClient(conf)
+
+
+def event_namespace(obj: dict[str, Any]) -> str:
+    """The namespace an Event about `obj` must live in for the API server to accept it: the object's
+    own, or `default` for a cluster-scoped object (Node, IPPool, BGPPeer, BGPConfiguration)."""
+    return (obj.get("metadata") or {}).get("namespace") or CLUSTER_EVENTS_NAMESPACE
 
 
 class KubernetesSource:
@@ -284,7 +293,7 @@ class KubernetesSource:
         event = {
             "apiVersion": "v1", "kind": "Event",
             "metadata": {"name": f"{md.get('name') or 'object'}.{uuid.uuid4().hex[:16]}",
-                         "namespace": self.namespace},
+                         "namespace": event_namespace(obj)},
             "involvedObject": involved,
             "reason": "InvalidResource", "type": "Warning", "message": message[:1024],
             "source": {"component": COMPONENT, **({"host": self.node_name} if self.node_name else {})},
@@ -292,7 +301,7 @@ class KubernetesSource:
             "firstTimestamp": now, "lastTimestamp": now, "count": 1,
         }
         try:
-            k8s.CoreV1Api(self.api_client).create_namespaced_event(self.namespace, event,
+            k8s.CoreV1Api(self.api_client).create_namespaced_event(event["metadata"]["namespace"], event,
                                                                    _request_timeout=(10, 30))
         except Exception as e:  # noqa: BLE001 - an event is best effort; the problem is logged anyway
             log.warning("could not record event for %s/%s: %s", kind, md.get("name"), e)

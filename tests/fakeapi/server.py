@@ -336,6 +336,13 @@ class FakeApiServer:
         if len(seg) == 5 and seg[:3] == ["api", "v1", "namespaces"] and seg[4] == "events" and method == "POST":
             ev = dict(body or {})
             ev.setdefault("metadata", {})["namespace"] = seg[3]
+            # As the API server validates Events: the involved object's namespace must be the Event's,
+            # and an Event about a cluster-scoped object may only live in `default`.
+            involved_ns = (ev.get("involvedObject") or {}).get("namespace") or ""
+            if involved_ns != seg[3] and not (involved_ns == "" and seg[3] == "default"):
+                return self._send(h, 422, _status(422, "Invalid", f'Event "{ev["metadata"].get("name")}" is '
+                                                  'invalid: involvedObject.namespace: Invalid value: '
+                                                  f'"{involved_ns}": does not match event.namespace'))
             with self._cond:
                 self.events.append(ev)
                 self._save_state()

@@ -384,10 +384,32 @@ def test_report_problem_creates_one_event(api: FakeApiServer, h: Harness) -> Non
     assert not src.report_problem(obj, "BGPPeer/tor: spec.peerIP: not a valid IPv4 address")  # once
     assert len(api.events) == 1
     ev = api.events[0]
-    assert ev["metadata"]["namespace"] == "bgp-fabric" and ev["type"] == "Warning"
+    # A BGPPeer is cluster-scoped: the API server accepts its Events only in `default`.
+    assert ev["metadata"]["namespace"] == "default" and ev["type"] == "Warning"
     assert ev["involvedObject"] == {"apiVersion": "bgp-fabric.io/v1", "kind": "BGPPeer", "name": "tor", "uid": "u-1"}
     assert ev["message"] == "BGPPeer/tor: spec.peerIP: not a valid IPv4 address"
     assert ev["source"] == {"component": "bgp-fabric", "host": "n1"}
+
+
+def test_events_go_where_the_api_server_accepts_them(api: FakeApiServer, h: Harness) -> None:
+    src = h.source(namespace="bgp-fabric")
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop", "uid": "u-2"}}
+    assert src.report_problem(svc, "Service/shop/web: bad")
+    assert [e["metadata"]["namespace"] for e in api.events] == ["shop"]
+    # The fake refuses what the API server refuses (so the test above could fail): an Event about a
+    # cluster-scoped object outside `default`, or about a namespaced object in another namespace.
+    import json as _json
+    import urllib.error
+    import urllib.request
+    for ns, involved in (("bgp-fabric", {"kind": "IPPool", "name": "p"}),
+                         ("default", {"kind": "Service", "name": "web", "namespace": "shop"})):
+        req = urllib.request.Request(f"{api.url}/api/v1/namespaces/{ns}/events", method="POST",
+                                     data=_json.dumps({"metadata": {"name": "x"}, "involvedObject": involved}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == 422
+    assert len(api.events) == 1
 
 
 def test_effective_config_reads_secrets_and_reports_bad_objects(api: FakeApiServer, h: Harness) -> None:

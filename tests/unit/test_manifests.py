@@ -66,7 +66,9 @@ def test_everything_is_in_the_agents_namespace() -> None:
     assert find("Namespace")["metadata"]["name"] == "bgp-fabric"
     for where, d in DOCS:
         if d["kind"] in ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "DaemonSet", "Secret"):
-            assert d["metadata"]["namespace"] == "bgp-fabric", where
+            # Events about cluster-scoped objects can only be created in `default` (see rbac.yaml).
+            expected = "default" if d["metadata"]["name"] == "bgp-fabric-events" else "bgp-fabric"
+            assert d["metadata"]["namespace"] == expected, where
 
 
 def test_cluster_role_reads_only_what_the_source_watches() -> None:
@@ -96,7 +98,11 @@ def test_secrets_only_by_name_and_events_only_in_the_namespace() -> None:
     for name, key in refs:
         secret = find("Secret", name)
         assert key in (secret.get("stringData") or {}) | (secret.get("data") or {})
-    for rule in find("Role", "bgp-fabric-events")["rules"]:
+    events = find("Role", "bgp-fabric-events")
+    # The source writes Events about cluster-scoped objects where the API server accepts them.
+    from fabric.sources.kubernetes import event_namespace
+    assert events["metadata"]["namespace"] == event_namespace({"kind": "IPPool", "metadata": {"name": "p"}})
+    for rule in events["rules"]:
         assert rule["resources"] == ["events"] and set(rule["verbs"]) == {"create", "patch"}
     for name in ("bgp-fabric-peer-secrets", "bgp-fabric-events"):
         rb = find("RoleBinding", name)
