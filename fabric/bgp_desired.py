@@ -16,6 +16,7 @@ from bgp.exabgp_config import Neighbor
 from bgp.policy import filter_verdict
 from fabric.config import AgentConfig, Peer
 from fabric.inputs import NodeInfo
+from loadbalancer.model import slice_service_key
 
 
 @dataclass(frozen=True)
@@ -125,24 +126,32 @@ def apply_export_filters(cfg: AgentConfig, anns: dict[ipaddress.IPv4Network, Des
     return out
 
 
+def _m(v: object) -> dict:
+    return v if isinstance(v, dict) else {}  # malformed fields read as absent: the service proxy reports them
+
+
+def _l(v: object) -> list:
+    return v if isinstance(v, list) else []
+
+
 def _service_ips(svc: dict) -> list[ipaddress.IPv4Address]:
-    spec, status = svc.get("spec") or {}, svc.get("status") or {}
-    raw = list(spec.get("externalIPs") or [])
-    raw += [i.get("ip") for i in ((status.get("loadBalancer") or {}).get("ingress") or []) if isinstance(i, dict)]
+    spec, status = _m(svc.get("spec")), _m(svc.get("status"))
+    raw = _l(spec.get("externalIPs")) + [_m(i).get("ip") for i in _l(_m(status.get("loadBalancer")).get("ingress"))]
     out = []
     for r in raw:
         try:
-            out.append(ipaddress.IPv4Address(r))
-        except (ipaddress.AddressValueError, ValueError, TypeError):
+            if isinstance(r, str):  # IPv4Address(5) would be 0.0.0.5
+                out.append(ipaddress.IPv4Address(r))
+        except ValueError:
             continue  # the service proxy reports malformed addresses
     return out
 
 
 def _has_local_ready_endpoint(slices: list[dict], node: str) -> bool:
     for sl in slices:
-        for ep in sl.get("endpoints") or []:
-            cond = ep.get("conditions") or {}
-            if ep.get("nodeName") == node and cond.get("ready", True) is not False:
+        for ep in _l(sl.get("endpoints")):
+            cond = _m(_m(ep).get("conditions"))
+            if _m(ep).get("nodeName") == node and cond.get("ready") in (None, True):  # nil means ready
                 return True
     return False
 
@@ -159,14 +168,13 @@ def service_announcements(cfg: AgentConfig, services: dict[str, dict], slices: d
     ranges = list(cfg.advertise.service_external_ips) + list(cfg.advertise.service_load_balancer_ips)
     by_service: dict[str, list[dict]] = {}
     for sl in slices.values():
-        name = ((sl.get("metadata") or {}).get("labels") or {}).get("kubernetes.io/service-name")
-        ns = (sl.get("metadata") or {}).get("namespace", "default")
-        if name:
-            by_service.setdefault(f"{ns}/{name}", []).append(sl)
+        svc_key, _ = slice_service_key(sl)  # None for a malformed slice (the service proxy reports it)
+        if svc_key:
+            by_service.setdefault(svc_key, []).append(sl)
     me, comm = cfg.node.address.ip, tuple(cfg.advertise.communities)
     out: dict[ipaddress.IPv4Network, DesiredAnnouncement] = {}
     for key, svc in sorted(services.items()):
-        if not isinstance(svc, dict) or (svc.get("spec") or {}).get("externalTrafficPolicy") != "Local":
+        if not isinstance(svc, dict) or _m(svc.get("spec")).get("externalTrafficPolicy") != "Local":
             continue
         if not _has_local_ready_endpoint(by_service.get(key, []), cfg.node.name):
             continue

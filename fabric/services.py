@@ -38,7 +38,8 @@ class ServiceSync:
         desired = self.proxy.desired()
         return {"virtualServers": len(desired),
                 "realServers": sum(len(v.reals) for v in desired.values()),
-                "skipped": self.proxy.errors(), "errors": self.last_errors, "warnings": self.warnings}
+                "skipped": self.proxy.errors(), "skippedSliceEntries": self.proxy.warnings(),
+                "skippedSlices": self.proxy.slice_errors(), "errors": self.last_errors, "warnings": self.warnings}
 
     def explain(self, what: str) -> str:
         return self.proxy.explain(what)

@@ -31,6 +31,7 @@ import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from loadbalancer.health import HealthServers
 from loadbalancer.netns import NetnsThread
 from loadbalancer.types import (PROTO_NAMES, PROTOCOLS, SVC_F_OPTIONS, SVC_F_PERSISTENT, RealKey, RealServer,
                                 VirtualServer, VSKey)
@@ -610,6 +611,10 @@ class KernelAdapter:
         self.ensure_device()
         self.ns.call(lo_up)
         return self.ns.call(run)
+
+    def health_servers(self, bind: str) -> HealthServers:
+        """healthCheckNodePort listeners opened on the namespace thread (so inside the namespace)."""
+        return HealthServers(self.call, bind)
 
     def call(self, fn, *args):
         """Run fn on the namespace thread (sockets it opens live in the namespace)."""

@@ -96,6 +96,7 @@ class ServiceProxy:
         self._nft_refs: dict[NftElement, set[str]] = {}
         self._slice_svc: dict[str, str] = {}
         self._svc_slices: dict[str, set[str]] = {}
+        self._slice_errors: dict[str, str] = {}  # slice -> why it belongs to no service
         self._conflicted: set[str] = set()  # services refused because another owns one of their VSs
         self._synced = False  # the kernel has been compared with desired at least once
 
@@ -123,7 +124,11 @@ class ServiceProxy:
             self._svc_slices.get(old, set()).discard(slice_key)
             affected.add(old)
         obj = store.get("EndpointSlice", slice_key)
-        new = slice_service_key(obj) if isinstance(obj, dict) else None
+        new, why = slice_service_key(obj) if obj is not None else (None, None)
+        if why:
+            self._slice_errors[slice_key] = why
+        else:
+            self._slice_errors.pop(slice_key, None)
         if new is not None:
             self._slice_svc[slice_key] = new
             self._svc_slices.setdefault(new, set()).add(slice_key)
@@ -146,6 +151,7 @@ class ServiceProxy:
         if full:
             self._slice_svc.clear()
             self._svc_slices.clear()
+            self._slice_errors.clear()
             for sk in store.snapshot("EndpointSlice"):
                 self._index_slice(store, sk)
             affected = set(store.snapshot("Service")) | set(self._states) | set(self._errors)
@@ -278,7 +284,7 @@ class ServiceProxy:
             res.errors.setdefault(self.ERROR_NODE, []).append(e)
         if plan.health is not None:
             if self._health is None:
-                self._health = HealthServers(kernel.call, self._health_bind)
+                self._health = kernel.health_servers(self._health_bind)
             for e in self._health.update(plan.health):
                 res.errors.setdefault(e.split(":")[0], []).append(e)
         self._synced = self._synced or plan.full
@@ -328,6 +334,14 @@ class ServiceProxy:
 
     def errors(self) -> dict[str, str]:
         return dict(self._errors)
+
+    def warnings(self) -> dict[str, tuple[str, ...]]:
+        """Programmed services with malformed slice entries that were skipped."""
+        return {s: st.warnings for s, st in self._states.items() if st.warnings}
+
+    def slice_errors(self) -> dict[str, str]:
+        """EndpointSlices that belong to no service because their metadata is malformed."""
+        return {k: f"EndpointSlice {k}: {why}" for k, why in self._slice_errors.items()}
 
     def health_checks(self) -> dict[int, HealthCheck]:
         return {h.port: h for st in self._states.values() if (h := st.health_check)}

@@ -137,6 +137,7 @@ class ServiceState:
     health_check: HealthCheck | None = None
     udp_vips: frozenset[tuple[str, int]] = frozenset()  # (vip, port): conntrack to flush for removed UDP endpoints
     why: tuple[str, ...] = ()  # how the inputs became this state (for explain)
+    warnings: tuple[str, ...] = ()  # malformed slice entries skipped (the rest of the service is programmed)
 
 
 @dataclass(frozen=True)

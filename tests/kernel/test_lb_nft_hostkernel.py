@@ -55,7 +55,7 @@ def _svc(name: str, typ: str, ports: list, **spec) -> dict:
 
 def _eps(name: str, pod: str, port: int = 8080) -> dict:
     return {"metadata": {"name": name, "namespace": "d", "labels": {"kubernetes.io/service-name": name}},
-            "ports": [{"name": "", "port": port, "protocol": "TCP"}],
+            "addressType": "IPv4", "ports": [{"name": "", "port": port, "protocol": "TCP"}],
             "endpoints": [{"addresses": [PODS[pod] if pod in PODS else pod], "nodeName": "node-a"}]}
 
 

@@ -175,7 +175,15 @@ BAD = [
      "spec.ports[1].name: required when a service has several ports"),
     ("no spec", lambda s: s.pop("spec"), "spec: missing"),
     ("external IP equals cluster IP", lambda s: s["spec"].update(externalIPs=["10.96.0.10"]),
-     "spec: virtual server 10.96.0.10:80/TCP asked for twice"),
+     "spec.externalIPs[0]: virtual server 10.96.0.10:80/TCP is also asked for by spec.clusterIPs[0]"),
+    ("ports not a list", lambda s: s["spec"].update(ports={"port": 80}), "spec.ports: must be a list, not a mapping"),
+    ("port as a string", lambda s: s["spec"]["ports"][0].update(port="80"), "spec.ports[0].port: '80' is not a port"),
+    ("clusterIP not clusterIPs[0]", lambda s: s["spec"].update(clusterIP="10.96.0.11"),
+     "spec.clusterIP: '10.96.0.11' is not spec.clusterIPs[0] ('10.96.0.10')"),
+    ("annotations a list", lambda s: s["metadata"].update(annotations=["x"]),
+     "metadata.annotations: must be a mapping, not a list"),
+    ("ingress entry a string", lambda s: s.update(status={"loadBalancer": {"ingress": ["1.2.3.4"]}}),
+     "status.loadBalancer.ingress[0]: must be a mapping, not a string '1.2.3.4'"),
 ]
 
 
@@ -190,9 +198,18 @@ def test_bad_slice_entries_are_skipped_not_fatal() -> None:
     sl = endpoint_slice([("10.244.1.5", "node-a", READY)])
     sl["endpoints"] += [{"addresses": ["not-an-ip"]}, "junk", {"addresses": ["10.244.9.9"], "conditions": READY}]
     sl["ports"].append({"name": "http", "port": 0})
-    st = build_service(service(), [sl], CTX)
+    sl["endpoints"].append({"addresses": ["10.244.9.8"], "conditions": {"ready": "false"}})  # a string is no boolean
+    other = endpoint_slice([("10.244.7.7", "node-a", READY)], name="web-y")
+    other["endpoints"] = {"addresses": ["10.244.7.7"]}
+    st = build_service(service(), [sl, other], CTX)
     assert isinstance(st, ServiceState)
     assert st.virtual_servers[0].reals == (R("10.244.1.5", 8080), R("10.244.9.9", 8080))
+    assert st.warnings == (
+        "EndpointSlice shop/web-x: endpoints[1].addresses[0]: 'not-an-ip' is not an IPv4 address; the address skipped",
+        "EndpointSlice shop/web-x: endpoints[2]: must be a mapping, not a string 'junk'; the endpoint skipped",
+        "EndpointSlice shop/web-x: endpoints[4].conditions.ready: must be true or false, not 'false'; the endpoint skipped",
+        "EndpointSlice shop/web-x: ports[1].port: 0 is not a port (1-65535); the port skipped",
+        "EndpointSlice shop/web-y: endpoints: must be a list, not a mapping; the slice skipped")
 
 
 def test_model_does_not_mutate_inputs() -> None:

@@ -17,96 +17,10 @@ from fabric.config import ServiceSettings
 from fabric.tracker import Store
 from loadbalancer import ipvs_kernel as k
 from loadbalancer.proxy import ServiceProxy
-from loadbalancer.types import PROTO_NAMES, RealServer, VirtualServer
+from loadbalancer.types import RealServer, VirtualServer
+from tests.unit.lbfake import FakeKernel
 
 READY = {"ready": True}
-
-
-class FakeKernel:
-    """IPVS services/destinations, dummy addresses and nft text, changed only through adapter calls."""
-
-    def __init__(self) -> None:
-        self.vs: dict[tuple, dict] = {}
-        self.addrs: set[str] = set()
-        self.nft_scripts: list[str] = []
-        self.fail_next: set[str] = set()  # Op.what prefixes to refuse once
-        self.ops: list[str] = []
-        self.flushed: list = []
-
-    # the adapter surface ServiceProxy uses
-    def apply_sysctls(self) -> list[str]:
-        return []
-
-    def nft_available(self) -> None:
-        return None
-
-    def nft(self, script: str) -> None:
-        self.nft_scripts.append(script)
-
-    def conntrack_flush_udp(self, entries) -> list[str]:
-        self.flushed += list(entries)
-        return []
-
-    def call(self, fn, *a):
-        return fn(*a)
-
-    def addresses(self) -> set[str]:
-        return set(self.addrs)
-
-    def address_change(self, add, delete):
-        self.addrs |= set(add)
-        self.addrs -= set(delete)
-        return []
-
-    def ipvs_dump(self) -> dict:
-        return {key: VirtualServer(*key, v["sched"], v["timeout"],
-                                   tuple(sorted(RealServer(a, p, w) for (a, p), w in v["reals"].items())),
-                                   v.get("flags", 0))
-                for key, v in self.vs.items()}
-
-    def ipvs_run(self, ops: list[k.Op]) -> list[k.OpError]:
-        errors = []
-        for op in ops:
-            self.ops.append(op.what)
-            hit = next((f for f in self.fail_next if op.what.startswith(f)), None)
-            if hit:
-                self.fail_next.discard(hit)
-                errors.append(k.OpError(op, errno.ENOMEM))
-                continue
-            e = self._do(op)
-            if e:
-                errors.append(k.OpError(op, e))
-        return errors
-
-    def _do(self, op: k.Op) -> int:
-        top = dict(k._attrs(op.payload))
-        s = {t: v for t, v in k._attrs(top[k.ATTR_SERVICE])}
-        key = (PROTO_NAMES[struct.unpack("=H", s[k.SVC_PROTOCOL])[0]], socket.inet_ntoa(s[k.SVC_ADDR]),
-               struct.unpack("!H", s[k.SVC_PORT])[0])
-        d = {t: v for t, v in k._attrs(top[k.ATTR_DEST])} if k.ATTR_DEST in top else None
-        if op.cmd in (k.CMD_NEW_SERVICE, k.CMD_SET_SERVICE):
-            if (op.cmd == k.CMD_NEW_SERVICE) == (key in self.vs):
-                return errno.EEXIST if key in self.vs else errno.ESRCH
-            flags = struct.unpack("=II", s[k.SVC_FLAGS])[0]
-            timeout = struct.unpack("=I", s[k.SVC_TIMEOUT])[0] if flags & k.SVC_F_PERSISTENT else 0
-            entry = self.vs.setdefault(key, {"reals": {}})
-            entry.update(sched=s[k.SVC_SCHED].rstrip(b"\0").decode(), timeout=timeout, flags=flags & k.SVC_F_OPTIONS)
-            return 0
-        if key not in self.vs:
-            return errno.ESRCH
-        if op.cmd == k.CMD_DEL_SERVICE:
-            del self.vs[key]
-            return 0
-        assert d is not None
-        rk = (socket.inet_ntoa(d[k.DST_ADDR]), struct.unpack("!H", d[k.DST_PORT])[0])
-        reals = self.vs[key]["reals"]
-        if op.cmd == k.CMD_DEL_DEST:
-            return 0 if reals.pop(rk, None) is not None else errno.ENOENT
-        assert struct.unpack("=I", d[k.DST_FWD])[0] == 0  # masquerade, never the pyroute2 default (DR)
-        if (op.cmd == k.CMD_NEW_DEST) == (rk in reals):
-            return errno.EEXIST if rk in reals else errno.ENOENT
-        reals[rk] = struct.unpack("=I", d[k.DST_WEIGHT])[0]
-        return 0
 
 
 def svc(name: str, ip: str, port: int = 80, **spec) -> dict:
