@@ -181,6 +181,7 @@ class ServiceSettings(Model):
     node_port_addresses: list[CIDR] = Field(default_factory=list)  # empty: the node's own IPs
     masquerade_all: bool = False
     cluster_cidr: list[CIDR] = Field(default_factory=list)  # pod ranges, for "traffic from outside" checks
+    command_timeout: Annotated[float, Field(gt=0, le=600)] = 30.0  # an nft / conntrack run is killed after this
 
 
 class Timers(Model):

@@ -1,8 +1,17 @@
-"""The agent's handle on the service proxy: plan + apply per sync, on the agent's kernel thread."""
+"""The agent's handle on the service proxy: one sync per call, on the agent's kernel thread.
+
+`sync` never raises: the proxy records failures per service (and per node-level concern) with a
+retry time, which `next_deadline(now)` gives the agent's runner so it wakes for the retry and not
+before. A problem is logged once, when it appears or changes (one line, no traceback), and its
+recovery once; `status()` lists what is failing now and when it is retried.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fabric.config import AgentConfig
@@ -11,35 +20,60 @@ from loadbalancer.proxy import ServiceProxy
 
 log = logging.getLogger("fabric.services")
 
+OWNED_FILE = "ipvs-owned.json"  # in paths.runDir: the IPVS virtual servers this agent made
+
 
 class ServiceSync:
-    def __init__(self, cfg: AgentConfig) -> None:
-        self.proxy = ServiceProxy(cfg.services, cfg.node.name, [str(cfg.node.address.ip)])
+    def __init__(self, cfg: AgentConfig, *, clock: Callable[[], float] = time.monotonic, **proxy_args: Any) -> None:
+        self._clock = clock
+        self.proxy = ServiceProxy(cfg.services, cfg.node.name, [str(cfg.node.address.ip)],
+                                  state_path=Path(cfg.paths.run_dir) / OWNED_FILE, clock=clock, **proxy_args)
         self.last_errors: dict[str, list[str]] = {}
-        self.warnings: list[str] = []
         self.kernel_ops = 0
+        self._noted: str | None = None
 
-    def sync(self, store: Store, changes: Changes, full: bool) -> None:
-        plan = self.proxy.plan(store, changes)
-        if not plan and not full and not self.last_errors:
-            return
-        result = self.proxy.apply(plan)
+    def sync(self, store: Store, changes: Changes, full: bool = False) -> None:
+        if full:
+            self.proxy.request_full()
+        result = self.proxy.sync(store, changes)
         self.kernel_ops += result.kernel_ops
-        self.warnings = list(result.warnings)
-        new = {s: e for s, e in result.errors.items() if self.last_errors.get(s) != e}
-        for svc, errs in sorted(new.items()):
-            for e in errs:
-                log.error("service %s: %s", svc, e)
-        self.last_errors = result.errors
+        standing = self._standing(result.errors)
+        for key, errs in sorted(standing.items()):
+            if self.last_errors.get(key) != errs:
+                for e in errs:
+                    log.error("service %s: %s", key, e)
+        for key in sorted(self.last_errors.keys() - standing.keys()):
+            log.info("service %s: recovered", key)
+        self.last_errors = standing
+        for w in result.warnings:
+            log.warning("services: %s", w)
+        note = self.proxy.ownership_note()
+        if note and note != self._noted:
+            log.info("services: %s", note)
+            self._noted = note
         if result.kernel_ops:
             log.info("services: %s", result)
+
+    def _standing(self, errors: dict[str, list[str]]) -> dict[str, list[str]]:
+        """What is wrong now: skipped services, failing ones (until their retry succeeds), node problems."""
+        out = {s: [why] for s, why in self.proxy.errors().items()}
+        out.update({s: f["errors"] for s, f in self.proxy.failing(self._clock()).items()})
+        seen = {e for es in out.values() for e in es}
+        node = [e for e in errors.get(ServiceProxy.ERROR_NODE, []) if e not in seen]
+        if node:
+            out[ServiceProxy.ERROR_NODE] = node
+        return out
+
+    def next_deadline(self, now: float) -> float | None:
+        return self.proxy.next_deadline(now)
 
     def status(self) -> dict[str, Any]:
         desired = self.proxy.desired()
         return {"virtualServers": len(desired),
                 "realServers": sum(len(v.reals) for v in desired.values()),
                 "skipped": self.proxy.errors(), "skippedSliceEntries": self.proxy.warnings(),
-                "skippedSlices": self.proxy.slice_errors(), "errors": self.last_errors, "warnings": self.warnings}
+                "skippedSlices": self.proxy.slice_errors(), "failing": self.proxy.failing(self._clock()),
+                "errors": self.last_errors, "warnings": self.proxy.node_warnings()}
 
     def explain(self, what: str) -> str:
         return self.proxy.explain(what)

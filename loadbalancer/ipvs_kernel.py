@@ -559,8 +559,8 @@ class KernelAdapter:
         def run() -> str | None:
             try:
                 r = run_bounded(["nft", "-f", "-"], script, self.nft_timeout)
-            except (OSError, TimeoutError) as e:
-                return str(e)
+            except OSError as e:  # TimeoutError included: the command hung and was killed
+                return e.strerror or str(e)
             return None if r.returncode == 0 else (r.stderr.strip() or f"nft exit {r.returncode}")
 
         return self.ns.call(run)
@@ -579,8 +579,9 @@ class KernelAdapter:
                 try:
                     r = run_bounded(cmd, None, self.conntrack_timeout)
                 except TimeoutError as e:
-                    return errs + [(entries[i], f"{what}: {e}")] + [(x, f"{what}: not tried after a hung conntrack")
-                                                                     for x in entries[i + 1:]]
+                    return errs + [(entries[i], f"{what}: {e.strerror or e}")] + [
+                        (x, f"conntrack -D udp {x[0]}:{x[1]} -> {x[2]}: not tried after a hung conntrack")
+                        for x in entries[i + 1:]]
                 except OSError as e:
                     errs.append((entries[i], f"{what}: {e.strerror or e}"))
                     continue

@@ -33,6 +33,11 @@ class Plan:
     errors: dict[str, str] = field(default_factory=dict)  # service -> why it is skipped
     owners: dict[VSKey, str] = field(default_factory=dict)  # VS -> service, to blame failures
     services: dict[str, ServiceState | None] = field(default_factory=dict)  # desired states this plan commits
+    old_vs: dict[VSKey, VirtualServer] = field(default_factory=dict)  # what the diff started from (ours only)
+    new_vs: dict[VSKey, VirtualServer] = field(default_factory=dict)  # what it goes to
+    foreign: set[VSKey] = field(default_factory=set)  # virtual servers seen in the kernel that are not ours
+    conflicts: dict[str, list[VSKey]] = field(default_factory=dict)  # service -> its VSs someone else has
+    forget: set[VSKey] = field(default_factory=set)  # recorded as ours, gone from the kernel, not wanted
 
     def kernel_ops(self) -> int:
         return (len(self.vs_delete) + len(self.vs_add) + len(self.vs_update) + len(self.real_delete)
@@ -41,7 +46,7 @@ class Plan:
     def __bool__(self) -> bool:
         """Something differs. A full plan always rewrites the nft table and health servers (idempotent
         refreshes), so those alone don't count as differences."""
-        return bool(self.kernel_ops() or self.nft_add or self.nft_delete or self.conntrack_flush
+        return bool(self.kernel_ops() or self.nft_add or self.nft_delete or self.conntrack_flush or self.conflicts
                     or (not self.full and (self.nft_full is not None or self.health is not None)))
 
     def __str__(self) -> str:
@@ -65,6 +70,8 @@ class Plan:
         if self.health is not None:
             out.append(f"  health checks: {', '.join(f'{p} ({h.service}: {h.local_endpoints})' for p, h in sorted(self.health.items())) or 'none'}")
         out += [f"  ! {svc}: {why}" for svc, why in sorted(self.errors.items())]
+        out += [f"  ! {svc}: virtual server {vk[1]}:{vk[2]}/{vk[0]} exists and is not ours: left alone"
+                for svc, vks in sorted(self.conflicts.items()) for vk in vks]
         return "\n".join(out)
 
 

@@ -7,7 +7,9 @@ Switches (operation names: an IPVS Op's `what`, "add address A" / "del address A
 - fail_next: name prefixes refused once (then they work);
 - fail: name prefixes refused until removed;
 - hang: surfaces that stop answering — "ipvs" (a batch times out after the kernel applied part of it),
-  "address", "dump", "get", "addresses", "nft", "conntrack" (each gives the adapter's timeout result).
+  "address", "dump", "get", "addresses", "nft", "conntrack" (each gives the adapter's timeout result);
+- boom: surfaces whose call raises after doing part of its work ("address", "ipvs", "sysctl"), as an
+  adapter would if a timeout struck outside a pipelined batch.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class FakeKernel:
         self.fail_next: set[str] = set()
         self.fail: set[str] = set()
         self.hang: set[str] = set()
+        self.boom: set[str] = set()
         self.calls: dict[str, int] = {}  # surface -> times used (to check nothing retries in a loop)
 
     # -- switches -------------------------------------------------------------------------------
@@ -85,8 +88,13 @@ class FakeKernel:
 
     # -- the adapter surface ServiceProxy uses -----------------------------------------------------
 
+    def _boom(self, surface: str) -> None:
+        if surface in self.boom:
+            raise TimeoutError(errno.ETIMEDOUT, f"get link fabric-svc: no answer from the kernel within 5 s ({surface})")
+
     def apply_sysctls(self) -> list[str]:
         self._count("sysctl")
+        self._boom("sysctl")
         self.sysctl_calls += 1
         return ["sysctl net.ipv4.vs.conntrack=1: Read-only file system"] if self.refused("sysctl") else []
 
@@ -169,6 +177,8 @@ class FakeKernel:
                 errs.append((a, f"{verb} address {a}/32: Cannot allocate memory"))
                 continue
             (self.addrs.add if verb == "add" else self.addrs.discard)(a)
+            if i == 0:
+                self._boom("address")
         return errs
 
     def ipvs_dump(self) -> dict[VSKey, VirtualServer]:
@@ -203,6 +213,8 @@ class FakeKernel:
             e = self._do(op)
             if e:
                 errors.append(k.OpError(op, e))
+            if i == 0:
+                self._boom("ipvs")
         return errors
 
     def _do(self, op: k.Op) -> int:
@@ -248,11 +260,30 @@ def expected_nft(states: Iterable) -> dict[str, set[str]]:
     return out
 
 
-def divergence(proxy, fake: FakeKernel) -> list[str]:
-    """How the fake kernel differs from what the proxy wants (empty: converged). Foreign virtual
-    servers must be exactly as their owner left them."""
+def expected_states(store, ctx) -> list:
+    """What the store's services ask for, computed afresh (not from the proxy's cache): a proxy that
+    lost a change differs from this."""
+    from loadbalancer.model import build_service, slice_service_key
+    from loadbalancer.types import ServiceState
+
+    slices: dict[str, list] = {}
+    for sl in store.snapshot("EndpointSlice").values():
+        key, _ = slice_service_key(sl)
+        if key:
+            slices.setdefault(key, []).append(sl)
     out = []
-    states = list(proxy._states.values())
+    for key, svc in sorted(store.snapshot("Service").items()):
+        st = build_service(svc, slices.get(key, []), ctx)
+        if isinstance(st, ServiceState):
+            out.append(st)
+    return out
+
+
+def divergence(proxy, fake: FakeKernel, store=None) -> list[str]:
+    """How the fake kernel differs from what the proxy wants — or, given the store, from what the
+    store's services ask for (empty: converged). Foreign virtual servers are not compared."""
+    out = []
+    states = list(proxy._states.values()) if store is None else expected_states(store, proxy.ctx)
     desired = {v.key: v for st in states for v in st.virtual_servers}
     ours = {key: fake._vs(key) for key, v in fake.vs.items() if not v.get(FOREIGN)}
     for key in sorted(desired.keys() | ours.keys()):

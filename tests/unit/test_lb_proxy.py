@@ -34,12 +34,19 @@ def eps(name: str, *ips: str, cond=READY, proto: str = "TCP") -> dict:
             "endpoints": [{"addresses": [ip], "conditions": cond, "nodeName": "n1"} for ip in ips]}
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
 @pytest.fixture
 def setup():
     store = Store()
-    proxy = ServiceProxy(ServiceSettings(), "n1", ["10.0.1.11"])
     fake = FakeKernel()
-    proxy._kernel = fake  # type: ignore[assignment]
+    proxy = ServiceProxy(ServiceSettings(), "n1", ["10.0.1.11"], clock=Clock(), kernel_factory=lambda: fake)
     return store, proxy, fake
 
 
@@ -129,9 +136,14 @@ def test_failures_are_blamed_and_repaired_by_the_next_plan(setup) -> None:
     plan, res = sync(proxy, store)
     assert list(res.errors) == ["d/a"] and "Cannot allocate memory" in res.errors["d/a"][0]
     assert fake.vs[("TCP", "10.96.0.2", 80)]["reals"] == {("10.244.0.2", 8080): 1, ("10.244.0.8", 8080): 1}
-    plan, res = sync(proxy, store)  # compares with a fresh dump: repairs exactly the missing one
-    assert plan.full and res.ok and [str(r) for _, r in plan.real_add] == ["RealServer(addr='10.244.0.9', port=8080, weight=1)"]
-    assert proxy.kernel.ipvs_dump() == proxy.desired()
+    assert proxy.next_deadline(proxy._clock()) == proxy._clock() + 1.0  # the first backoff step
+    plan, res = sync(proxy, store)  # not due yet: nothing to do, and no full resync either
+    assert not plan and not plan.full and fake.calls.get("dump") == 1
+    proxy._clock.t += 1.0  # type: ignore[attr-defined]
+    plan, res = sync(proxy, store)  # d/a alone: its virtual server re-read, exactly the missing real added
+    assert not plan.full and set(plan.services) == {"d/a"} and res.ok and fake.calls["get"] == 1
+    assert [str(r) for _, r in plan.real_add] == ["RealServer(addr='10.244.0.9', port=8080, weight=1)"]
+    assert proxy.kernel.ipvs_dump() == proxy.desired() and proxy.next_deadline(proxy._clock()) is None
 
 
 def test_resync_repairs_drift_and_udp_removal_flushes_conntrack(setup) -> None:
@@ -143,13 +155,15 @@ def test_resync_repairs_drift_and_udp_removal_flushes_conntrack(setup) -> None:
     del fake.vs[key]["reals"][("10.244.0.2", 8080)]  # someone ran ipvsadm -d
     fake.vs[key]["sched"] = "wlc"
     fake.vs[("TCP", "10.0.1.11", 31999)] = {"sched": "rr", "timeout": 0, "reals": {}}  # stale NodePort VS of ours
-    fake.vs[("TCP", "8.8.8.8", 53)] = {"sched": "rr", "timeout": 0, "reals": {}}  # not ours: left alone
+    proxy._owned.add([("TCP", "10.0.1.11", 31999)])  # (we made it earlier: it is in our record)
+    fake.add_foreign(("TCP", "10.0.1.11", 31998))  # on the node address too, made by someone else
+    fake.add_foreign(("TCP", "8.8.8.8", 53))  # not ours: left alone
     fake.addrs.add("10.96.9.9")  # stale address on our device
     plan = proxy.resync()
     assert [v.key for v in plan.vs_update] == [key] and plan.real_add[0][1].addr == "10.244.0.2"
     assert plan.vs_delete == [("TCP", "10.0.1.11", 31999)] and plan.addr_delete == ["10.96.9.9"]
     assert proxy.apply(plan).ok and not proxy.resync()
-    assert ("TCP", "8.8.8.8", 53) in fake.vs
+    assert ("TCP", "8.8.8.8", 53) in fake.vs and ("TCP", "10.0.1.11", 31998) in fake.vs
     put(store, svc("dns", "10.96.0.10", port=53, ports=[{"name": "p", "port": 53, "protocol": "UDP"}]),
         eps("dns", "10.244.0.1", proto="UDP"))
     plan, _ = sync(proxy, store)
