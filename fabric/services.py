@@ -20,7 +20,7 @@ from loadbalancer.proxy import ServiceProxy
 
 log = logging.getLogger("fabric.services")
 
-OWNED_FILE = "ipvs-owned.json"  # in paths.runDir: the IPVS virtual servers this agent made
+OWNED_FILE = "ipvs-owned"  # in paths.runDir: the IPVS virtual servers this agent made
 
 
 class ServiceSync:

@@ -1,6 +1,6 @@
 """ServiceProxy: the service proxy the agent drives (replaces kube-proxy, IPVS mode).
 
-    proxy = ServiceProxy(settings, node_name, ["10.0.1.11"], netns=None, state_path=run_dir / "ipvs-owned.json")
+    proxy = ServiceProxy(settings, node_name, ["10.0.1.11"], netns=None, state_path=run_dir / "ipvs-owned")
     result = proxy.sync(store, store.take())  # plan + apply; never raises (errors per service / node)
     proxy.next_deadline(now)                  # when a failed service / concern is due for its retry
     plan = proxy.plan(store, changes); result = proxy.apply(plan)   # the same in two steps
@@ -610,6 +610,10 @@ class ServiceProxy:
             lines += [f"  vs {v}" for v in st.virtual_servers]
             if st.addresses:
                 lines.append(f"  addresses on {self.settings.device}: {', '.join(sorted(st.addresses))}")
+            f = self._failed.get(what)
+            if f is not None:
+                lines += [f"  failing ({f.attempts} in a row, next try in {max(0.0, f.at - self._clock()):.1f}s): {e}"
+                          for e in f.errors]
             return "\n".join(lines)
         ip, _, port = what.partition(":")
         hits = [(vk, s) for vk, s in sorted(self._vs_owner.items()) if vk[1] == ip and (not port or str(vk[2]) == port)]

@@ -7,7 +7,6 @@ test says (the waits inside — a killed nft, netlink — are real).
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 
 from fabric.config import ServiceSettings
 from fabric.tracker import Store
+from loadbalancer.owned import OwnedVirtualServers
 from loadbalancer.proxy import ServiceProxy
 from tests.kernel.test_lb_dataplane import READY, eps, set_service, svc
 
@@ -27,6 +27,13 @@ pytestmark = pytest.mark.kernel
 
 NODE = "192.168.201.1"
 NP = [{"name": "tcp", "port": 80, "protocol": "TCP", "nodePort": 30080}]
+
+
+def recorded(path: Path) -> list[tuple]:
+    """The keys an ownership record holds, as the next agent would read them."""
+    o = OwnedVirtualServers(path)
+    assert o.load(), o.problem
+    return sorted(o.keys)
 
 
 class Clock:
@@ -65,7 +72,7 @@ def test_a_virtual_server_the_agent_did_not_make_is_never_touched(ns: str, tmp_p
     ipvsadm(ns, "-a", "-t", f"{NODE}:30080", "-r", "192.0.2.9:80", "-m", "-w", "5")
     foreign = listing(ns, f"{NODE}:30080")
     assert foreign == ["TCP 192.168.201.1:30080 wlc", "-> 192.0.2.9:80 Masq 5"]
-    clock, state = Clock(), tmp_path / "run" / "ipvs-owned.json"
+    clock, state = Clock(), tmp_path / "run" / "ipvs-owned"
     p = ServiceProxy(ServiceSettings(), "node-a", [NODE], netns=ns, state_path=state, clock=clock)
     try:
         st = Store()
@@ -76,7 +83,7 @@ def test_a_virtual_server_the_agent_did_not_make_is_never_touched(ns: str, tmp_p
         assert listing(ns, f"{NODE}:30080") == foreign  # not a byte changed
         assert listing(ns, "10.96.8.1:80") == ["TCP 10.96.8.1:80 rr", "-> 10.244.1.2:8080 Masq 1"]
         assert stat.S_IMODE(state.stat().st_mode) == 0o600
-        assert json.loads(state.read_text())["virtualServers"] == [["TCP", "10.96.8.1", 80]]
+        assert recorded(state) == [("TCP", "10.96.8.1", 80)]
         # retried with backoff, still untouched; taken once its owner removes it
         clock.t = p.next_deadline(clock.t)
         assert "not made by this agent" in p.sync(st, st.take()).errors["default/np"][0]
@@ -97,7 +104,7 @@ def test_a_virtual_server_the_agent_did_not_make_is_never_touched(ns: str, tmp_p
         assert "owning the 2 virtual server(s) listed in" in (p2.ownership_note() or "")
         out = ipvsadm(ns, "-Ln")
         assert f"{NODE}:30099" in out and "10.96.8.1:80" not in out and f"{NODE}:30080" not in out
-        assert json.loads(state.read_text())["virtualServers"] == []
+        assert recorded(state) == []
     finally:
         p2.close()
 

@@ -11,7 +11,6 @@ deadline in the past (no busy retrying).
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import stat
@@ -23,11 +22,19 @@ import pytest
 from fabric.config import ServiceSettings
 from fabric.tracker import Store
 from loadbalancer.failures import backoff
+from loadbalancer.owned import OwnedVirtualServers
 from loadbalancer.proxy import ServiceProxy
 from tests.unit.lbfake import FakeKernel, divergence
 
 READY = {"ready": True, "serving": True, "terminating": False}
 TERM = {"ready": False, "serving": True, "terminating": True}
+
+
+def recorded(path: Path) -> list[tuple]:
+    """The keys an ownership record holds, as the next agent would read them."""
+    o = OwnedVirtualServers(path)
+    assert o.load(), o.problem
+    return sorted(o.keys)
 
 
 class Clock:
@@ -189,6 +196,7 @@ def test_a_failing_service_is_retried_alone_with_exponential_backoff() -> None:
     status = w.proxy.failing(w.clock.t)
     assert status["d/web"]["attempts"] == 10 and status["d/web"]["retryIn"] == 60.0
     assert "Cannot allocate memory" in status["d/web"]["errors"][0]
+    assert "failing (10 in a row, next try in 60.0s): add real 10.244.1.6:8080" in w.proxy.explain("d/web")
     # meanwhile another service's change goes through at once
     put(w.store, svc("lb", "10.96.0.30", type="LoadBalancer", loadBalancerSourceRanges=["10.10.0.0/16"]),
         eps("lb", ("10.244.2.6", READY), node="node-b"))
@@ -285,7 +293,7 @@ NP_KEY = ("TCP", "10.0.1.11", 30080)
 
 
 def test_a_foreign_virtual_server_on_a_node_address_is_never_touched(tmp_path: Path) -> None:
-    w = World(tmp_path / "ipvs-owned.json")
+    w = World(tmp_path / "ipvs-owned")
     w.fake.add_foreign(NP_KEY, {("192.0.2.9", 80): 5})  # someone's ipvsadm -A -t 10.0.1.11:30080 + -a
     w.fake.add_foreign(("TCP", "10.0.1.11", 22))
     base(w.store)
@@ -295,8 +303,8 @@ def test_a_foreign_virtual_server_on_a_node_address_is_never_touched(tmp_path: P
     assert w.fake.vs[NP_KEY] == {"sched": "wlc", "timeout": 0, "flags": 0, "reals": {("192.0.2.9", 80): 5},
                                  "foreign": True}
     assert ("TCP", "203.0.113.20", 80) in w.fake.vs  # the service's other virtual servers are programmed
-    owned = json.loads((tmp_path / "ipvs-owned.json").read_text())["virtualServers"]
-    assert list(NP_KEY) not in owned and ["TCP", "10.96.0.20", 80] in owned
+    owned = recorded(tmp_path / "ipvs-owned")
+    assert NP_KEY not in owned and ("TCP", "10.96.0.20", 80) in owned
     # retried with backoff; untouched each time; taken once its owner removes it
     for _ in range(3):
         assert w.wait_and_sync()
@@ -309,7 +317,7 @@ def test_a_foreign_virtual_server_on_a_node_address_is_never_touched(tmp_path: P
 
 
 def test_a_new_service_never_takes_over_a_virtual_server_that_appeared_meanwhile(tmp_path: Path) -> None:
-    w = World(tmp_path / "ipvs-owned.json")
+    w = World(tmp_path / "ipvs-owned")
     base(w.store)
     w.sync()
     w.fake.add_foreign(("TCP", "10.96.0.70", 80), {("192.0.2.1", 80): 1})  # made while we were running
@@ -317,18 +325,18 @@ def test_a_new_service_never_takes_over_a_virtual_server_that_appeared_meanwhile
     res = w.sync()
     assert "exists and was not made by this agent" in res.errors["d/taken"][0]
     assert w.fake.vs[("TCP", "10.96.0.70", 80)]["reals"] == {("192.0.2.1", 80): 1}  # no real added to it
-    assert ["TCP", "10.96.0.70", 80] not in json.loads((tmp_path / "ipvs-owned.json").read_text())["virtualServers"]
+    assert ("TCP", "10.96.0.70", 80) not in recorded(tmp_path / "ipvs-owned")
 
 
 def test_ownership_survives_a_restart_and_the_record_is_private(tmp_path: Path) -> None:
-    path = tmp_path / "run" / "ipvs-owned.json"
+    path = tmp_path / "run" / "ipvs-owned"
     w = World(path)
     base(w.store)
     w.sync()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert not [p for p in path.parent.iterdir() if p != path]  # no temporary file left
-    recorded = {tuple(k) for k in json.loads(path.read_text())["virtualServers"]}
-    assert recorded == set(w.fake.vs) and NP_KEY in recorded
+    keys = set(recorded(path))
+    assert keys == set(w.fake.vs) and NP_KEY in keys
     # restart: a new proxy with the same record and kernel; the cluster lost the NodePort service
     w2 = World(path, fake=w.fake)
     base(w2.store)
@@ -348,7 +356,7 @@ def test_first_start_without_a_record_adopts_only_the_service_device(tmp_path: P
     fake = old.fake
     fake.add_foreign(("TCP", "10.96.99.99", 80))  # on an address of our device, made by hand: adopted too
     fake.addrs.add("10.96.99.99")
-    w = World(tmp_path / "ipvs-owned.json", fake=fake)
+    w = World(tmp_path / "ipvs-owned", fake=fake)
     base(w.store)
     res = w.sync()
     assert "adopted the 7 virtual server(s) on fabric-svc's addresses" in w.proxy.ownership_note()
@@ -360,10 +368,50 @@ def test_first_start_without_a_record_adopts_only_the_service_device(tmp_path: P
 def test_unwritable_run_dir_is_reported_and_services_still_programmed(tmp_path: Path) -> None:
     ro = tmp_path / "ro"
     ro.mkdir()
-    (ro / "ipvs-owned.json").mkdir()  # the record's path is a directory: every write fails
-    w = World(ro / "ipvs-owned.json")
+    (ro / "ipvs-owned").mkdir()  # the record's path is a directory: every write fails
+    w = World(ro / "ipvs-owned")
     base(w.store)
     res = w.sync()
-    assert any("ipvs-owned.json: not written" in e for e in res.errors["(node)"])
+    assert any("ipvs-owned: not written" in e for e in res.errors["(node)"])
     assert not divergence(w.proxy, w.fake, w.store)
     assert any("not written" in x for x in w.proxy.node_warnings())
+
+
+def test_the_record_is_a_journal_compacted_atomically(tmp_path: Path) -> None:
+    from loadbalancer.owned import HEADER, OwnedVirtualServers
+
+    path = tmp_path / "ipvs-owned"
+    o = OwnedVirtualServers(path)
+    o.add([("TCP", f"10.96.0.{i}", 80) for i in range(100)])
+    assert o.save() is None and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    size = path.stat().st_size
+    o.add([("UDP", "10.96.1.1", 53)])
+    o.save()
+    assert path.stat().st_size - size == len("+ UDP 10.96.1.1 53\n")  # a change costs its own line
+    o.discard([("TCP", "10.96.0.0", 80)])
+    o.save()
+    again = OwnedVirtualServers(path)
+    assert again.load() and again.keys == o.keys and len(again.keys) == 100
+    for i in range(300):  # churn: the journal is compacted, never more than ~2x the set
+        o.add([("SCTP", "10.96.2.1", 1000 + i)])
+        o.save()
+        o.discard([("SCTP", "10.96.2.1", 1000 + i)])
+        o.save()
+    assert len(path.read_text().splitlines()) <= 2 * 100 + 64 + 2
+    assert not [p for p in tmp_path.iterdir() if p != path]
+    # a crash mid-append leaves a torn line: ignored, and the next save rewrites the file whole
+    with open(path, "a") as f:
+        f.write("+ TCP 10.9")
+    torn = OwnedVirtualServers(path)
+    assert torn.load() and torn.keys == o.keys
+    torn.add([("TCP", "10.96.3.3", 80)])
+    torn.save()
+    final = OwnedVirtualServers(path)
+    assert final.load() and final.keys == o.keys | {("TCP", "10.96.3.3", 80)}
+    # garbage: reported, treated as no record (the migration rule), rewritten at the next save
+    path.write_text(HEADER + "+ ICMP 1.2.3.4 0\n")
+    bad = OwnedVirtualServers(path)
+    assert not bad.load() and "unreadable" in (bad.problem or "")
+    bad.add([("TCP", "10.96.0.1", 80)])
+    assert bad.save() is None and bad.problem is None
+    assert OwnedVirtualServers(path).load()
