@@ -41,9 +41,9 @@ class ServiceSync:
         for key, errs in sorted(standing.items()):
             if self.last_errors.get(key) != errs:
                 for e in errs:
-                    log.error("service %s: %s", key, e)
+                    log.error("%s: %s", _subject(key), e)
         for key in sorted(self.last_errors.keys() - standing.keys()):
-            log.info("service %s: recovered", key)
+            log.info("%s: recovered", _subject(key))
         self.last_errors = standing
         for w in result.warnings:
             log.warning("services: %s", w)
@@ -80,6 +80,11 @@ class ServiceSync:
 
     def close(self) -> None:
         self.proxy.close()
+
+
+def _subject(key: str) -> str:
+    """"service ns/name", or "services (nft)" for a node-level concern."""
+    return f"services {key}" if key.startswith("(") else f"service {key}"
 
 
 def make_service_proxy(cfg: AgentConfig) -> ServiceSync:
