@@ -151,6 +151,7 @@ class ServiceProxy:
         self._sysctls_done = False
         self._nft_unusable: str | None = None
         self._ct_pending: set[tuple[str, int, str]] = set()
+        self._hc: dict[str, HealthCheck] = {}  # services with a health check (so a change is not O(services))
 
     # -- kernel access (lazy: planning alone never opens anything) -----------------------------
 
@@ -325,7 +326,7 @@ class ServiceProxy:
         old_hc = {s: self._states[s].health_check for s in results if s in self._states}
         new_hc = {s: (st.health_check if st else None) for s, st in new_states.items()}
         if any(old_hc.get(s) != new_hc.get(s) for s in results):
-            hcs = {h.port: h for s, st in self._states.items() if s not in results and (h := st.health_check)}
+            hcs = {h.port: h for s, h in self._hc.items() if s not in results}
             hcs.update({h.port: h for h in new_hc.values() if h})
             plan.health = hcs
         return plan
@@ -501,10 +502,9 @@ class ServiceProxy:
         f = self._node_failed.get("conntrack")
         if not self._ct_pending or (f is not None and not f.due(now) and not plan.conntrack_flush):
             return
-        desired = self.desired()
         # an endpoint that came back (a retry later than its return) keeps its flows
         self._ct_pending = {e for e in self._ct_pending
-                            if e[2] not in {r.addr for r in getattr(desired.get(("UDP", e[0], e[1])), "reals", ())}}
+                            if e[2] not in {r.addr for r in getattr(self._desired_vs(("UDP", e[0], e[1])), "reals", ())}}
         errs = kernel.conntrack_flush_udp(sorted(self._ct_pending)) if self._ct_pending else []
         self._ct_pending = {e for e, _ in errs}
         if errs:
@@ -527,6 +527,10 @@ class ServiceProxy:
         else:
             self._node_failed.pop("health", None)
 
+    def _desired_vs(self, key: VSKey) -> VirtualServer | None:
+        st = self._states.get(self._vs_owner.get(key, ""))
+        return next((v for v in st.virtual_servers if v.key == key), None) if st else None
+
     def _addr_owner(self, addr: str) -> str | None:
         refs = self._addr_refs.get(addr)
         return sorted(refs)[0] if refs else None
@@ -547,9 +551,12 @@ class ServiceProxy:
             self._states.pop(s, None)
             self._errors.pop(s, None)
             self._conflicted.discard(s)
+            self._hc.pop(s, None)
         for s, st in new.items():
             self._states[s] = st
             self._vs_owner.update({v.key: s for v in st.virtual_servers})
+            if st.health_check is not None:
+                self._hc[s] = st.health_check
         for s, why in plan.errors.items():
             self._errors[s] = why
             if why.startswith("virtual server ") and "already belongs" in why:
@@ -598,7 +605,7 @@ class ServiceProxy:
         return self._adopted_note
 
     def health_checks(self) -> dict[int, HealthCheck]:
-        return {h.port: h for st in self._states.values() if (h := st.health_check)}
+        return {h.port: h for h in self._hc.values()}
 
     def explain(self, what: str) -> str:
         """Why a service, a VIP, or VIP:port is programmed the way it is (or why it is not)."""
