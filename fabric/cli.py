@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from fabric import config as cfg
@@ -64,6 +65,12 @@ def _lab_run(args: argparse.Namespace) -> int:
     from fabric.lab import runner
 
     return runner.main(args)
+
+
+def _lab_exec(args: argparse.Namespace) -> int:
+    from fabric.lab import exec_client
+
+    return exec_client.main(args)
 
 
 def _load(path: str) -> cfg.AgentConfig | None:
@@ -133,6 +140,12 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_arg() -> dict:
+    """-c defaults to $FABRIC_CONFIG (set on a lab's agent nodes, so `fabric lab exec NODE -- fabric status` works)."""
+    env = os.environ.get("FABRIC_CONFIG")
+    return {"default": env, "required": not env, "help": "agent config file" + (f" (default {env})" if env else "")}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fabric", description="bgp-fabric: BGP routing fabric node agent")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -142,21 +155,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_check_config)
 
     a = sub.add_parser("agent", help="run the node agent (foreground)")
-    a.add_argument("-c", "--config", required=True)
+    a.add_argument("-c", "--config", **_config_arg())
     a.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     a.set_defaults(func=_agent)
 
     st = sub.add_parser("status", help="show the running agent's status")
-    st.add_argument("-c", "--config", required=True)
+    st.add_argument("-c", "--config", **_config_arg())
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_status)
 
     pl = sub.add_parser("plan", help="print what the agent would change in this kernel (writes nothing)")
-    pl.add_argument("-c", "--config", required=True)
+    pl.add_argument("-c", "--config", **_config_arg())
     pl.set_defaults(func=_plan)
 
     ex = sub.add_parser("explain", help="why a route/prefix/address is (or is not) programmed")
-    ex.add_argument("-c", "--config", required=True)
+    ex.add_argument("-c", "--config", **_config_arg())
     ex.add_argument("target", help="an IPv4 address or prefix")
     ex.set_defaults(func=_plan)
 
@@ -179,9 +192,24 @@ def build_parser() -> argparse.ArgumentParser:
     lsub = lab.add_subparsers(dest="lab_cmd", required=True)
     lr = lsub.add_parser("run", help="build a lab, check it, report, tear it down")
     lr.add_argument("topology")
-    lr.add_argument("--keep", action="store_true", help="leave the lab up until Ctrl-C (for poking around)")
+    lr.add_argument("--keep", action="store_true",
+                    help="leave the lab up after the report until Ctrl-C (enter it with `fabric lab exec`)")
     lr.add_argument("--timeout", type=float, default=900)
+    lr.add_argument("--checks", metavar="FILE", help="checks file (default: <name>.checks.yml next to the topology)")
+    lr.add_argument("--report-dir", metavar="DIR",
+                    help="where report.txt and topology.svg go (default /tmp/bgp-fabric-reports/<lab>-<run>)")
     lr.set_defaults(func=_lab_run)
+    le = lsub.add_parser("exec", help="run a command (default: a shell) in a node of a running lab",
+                         usage="fabric lab exec [--lab NAME] [-t|-T] NODE [-- COMMAND [ARG ...]]")
+    le.add_argument("--lab", help="the lab's name, when several labs run")
+    t = le.add_mutually_exclusive_group()
+    t.add_argument("-t", dest="tty", action="store_const", const=True, help="use a pty (default: only for a shell)")
+    t.add_argument("-T", dest="tty", action="store_const", const=False, help="never use a pty")
+    le.add_argument("node")
+    le.add_argument("command", nargs="*", metavar="COMMAND", help="after --; the exit status is the command's")
+    le.set_defaults(func=_lab_exec)
+    ls = lsub.add_parser("ls", help="running labs and their nodes")
+    ls.set_defaults(func=_lab_exec)
     return p
 
 

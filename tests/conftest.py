@@ -61,7 +61,9 @@ def _needs_proxy(backend: _Backend) -> bool:
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     taken: set[str] = set()
     for backend in _BACKENDS.values():
-        mine = [i for i in items if i.get_closest_marker(backend.marker) and i.nodeid not in taken]
+        # `bootslab` tests boot the lab kernel themselves (through `fabric lab run`): never proxied
+        mine = [i for i in items if i.get_closest_marker(backend.marker) and i.nodeid not in taken
+                and not i.get_closest_marker("bootslab")]
         taken.update(i.nodeid for i in mine)
         if not mine or not _needs_proxy(backend):
             continue

@@ -6,6 +6,12 @@
       - {from: pod-a1, to: 10.244.3.10}
     tcp:
       - {from: pod-a1, to: 10.244.3.10, port: 8080, serve: pod-b1}
+    routes:
+      - {node: node-a1, prefix: 10.244.3.0/24, via: 10.0.2.11, kind: ipip}
+    commands:
+      - {node: tor, run: "vtysh -c 'show bgp summary'", expect: Established}
+    faults:
+      - {kill: {node: node-b1}, probe: {from: pod-a1, to: 10.244.3.10, rate: 50}, maxLoss: 0}
 
 Pure: parsing and validation against the topology's node names.
 """
@@ -13,13 +19,15 @@ Pure: parsing and validation against the topology's node names.
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fabric.config import format_errors
 from fabric.lab.clab import Topology, TopologyError, read_yaml
+from fabric.lab.kinds import Role, role_of
 
 TOPOLOGY_SUFFIXES = (".clab.yml", ".clab.yaml", ".yml", ".yaml")
 
@@ -99,12 +107,159 @@ class SessionCount(_Model):
     min: int = Field(ge=0)
 
 
+RouteKind = Literal["direct", "ipip", "blackhole", "ecmp"]
+
+
+class Route(_Model):
+    """A route the node's kernel must hold (main table, exact prefix), or must not hold (`absent`).
+    `via`/`dev` must match one of its next hops; `kind`: direct (one next hop, not a tunnel), ipip
+    (every next hop through an ipip device), blackhole, ecmp (several next hops)."""
+
+    node: str = Field(min_length=1)
+    prefix: str
+    via: str | None = None
+    dev: str | None = Field(default=None, min_length=1, max_length=15)
+    kind: RouteKind | None = None
+    absent: bool = False
+    timeout: Seconds = 20.0
+
+    @field_validator("prefix", mode="before")
+    @classmethod
+    def _prefix(cls, v: Any) -> str:
+        if not isinstance(v, str):
+            raise ValueError("must be an IPv4 prefix string like 10.244.3.0/24")
+        try:
+            return str(ipaddress.IPv4Network(v))
+        except ValueError as e:
+            raise ValueError(f"not a valid IPv4 prefix ({e})") from None
+
+    @field_validator("via", mode="before")
+    @classmethod
+    def _via(cls, v: Any) -> str | None:
+        return None if v is None else _ip(v)
+
+    @model_validator(mode="after")
+    def _shape(self) -> "Route":
+        if self.absent and (self.via or self.dev or self.kind):
+            raise ValueError("absent: true takes no via/dev/kind (the prefix must not be there at all)")
+        if self.kind == "blackhole" and (self.via or self.dev):
+            raise ValueError("a blackhole route has no via/dev")
+        return self
+
+    def label(self) -> str:
+        what = " ".join(f"{k} {v}" for k, v in (("via", self.via), ("dev", self.dev), ("kind", self.kind)) if v)
+        return f"route {self.node}: {self.prefix}" + (" absent" if self.absent else f" {what}".rstrip())
+
+
+class Command(_Model):
+    """A command run in a node's namespace (`sh -c`), retried until it exits with `exit` and its output
+    (stdout and stderr) matches every regular expression of `expect`. FRR nodes get a `vtysh` that
+    talks to their own daemons; agent nodes get FABRIC_CONFIG (so `fabric status` needs no -c)."""
+
+    node: str = Field(min_length=1)
+    run: str = Field(min_length=1)
+    expect: list[str] = Field(default_factory=list)
+    exit: int = Field(default=0, ge=0, le=255)
+    timeout: Seconds = 20.0
+
+    @field_validator("expect", mode="before")
+    @classmethod
+    def _expect(cls, v: Any) -> list[str]:
+        items = [v] if isinstance(v, str) else v
+        if not isinstance(items, list):
+            raise ValueError("must be a regular expression or a list of them")
+        for e in items:
+            try:
+                re.compile(e)
+            except (re.error, TypeError) as err:
+                raise ValueError(f"{e!r} is not a regular expression ({err})") from None
+        return items
+
+    def label(self) -> str:
+        return f"command {self.node}: {self.run}"
+
+
+class Probe(_Model):
+    """Pings from a node at `rate` per second during a fault: loss, longest outage, when traffic is back."""
+
+    src: str = Field(alias="from", min_length=1)
+    to: str
+    rate: int = Field(default=50, ge=1, le=200)
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _to(cls, v: Any) -> str:
+        return _ip(v)
+
+
+class Kill(_Model):
+    """kill -9 an agent (the runner starts it again after `restartAfter` seconds, as a DaemonSet would)
+    or its ExaBGP (the agent respawns it)."""
+
+    node: str = Field(min_length=1)
+    process: Literal["agent", "exabgp"] = "agent"
+    restart_after: Annotated[float, Field(ge=0, le=600)] = Field(default=1.0, alias="restartAfter")
+
+
+class Restart(_Model):
+    """SIGTERM an agent and start it again; or restart an FRR router (every daemon stopped, started
+    again after `down` seconds, its config loaded again)."""
+
+    node: str = Field(min_length=1)
+    down: Annotated[float, Field(ge=0, le=600)] = 0.0
+
+
+class LinkFlap(_Model):
+    node: str = Field(min_length=1)
+    interface: str = Field(min_length=1, max_length=15)
+    down: Annotated[float, Field(gt=0, le=600)] = 2.0
+
+
+class Fault(_Model):
+    """One fault (exactly one of kill / restart / link), a loss probe, and what must hold after it."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=80)
+    kill: Kill | None = None
+    restart: Restart | None = None
+    link: LinkFlap | None = None
+    probe: Probe
+    timeout: Seconds = 90.0  # convergence deadline after the fault
+    max_loss: int | None = Field(default=None, ge=0, alias="maxLoss")  # probe packets; none: report only
+
+    @model_validator(mode="after")
+    def _one_action(self) -> "Fault":
+        given = [k for k in ("kill", "restart", "link") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("needs exactly one of kill, restart, link"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        return self
+
+    @property
+    def node(self) -> str:
+        action = self.kill or self.restart or self.link
+        assert action is not None
+        return action.node
+
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.kill is not None:
+            return f"kill -9 {self.kill.process} on {self.kill.node}"
+        if self.restart is not None:
+            return f"restart {self.restart.node}" + (f" ({self.restart.down:g}s down)" if self.restart.down else "")
+        assert self.link is not None
+        return f"link {self.link.node}:{self.link.interface} down {self.link.down:g}s"
+
+
 class Checks(_Model):
     timeout: Seconds = 60.0  # convergence: every BGP session Established within this time
     sessions: SessionCount | None = None
     pings: list[Ping] = Field(default_factory=list)
     tcp: list[Tcp] = Field(default_factory=list)
     http: list[Http] = Field(default_factory=list)
+    routes: list[Route] = Field(default_factory=list)
+    commands: list[Command] = Field(default_factory=list)
+    faults: list[Fault] = Field(default_factory=list)
 
 
 def path_for(topology_path: Path) -> Path:
@@ -141,13 +296,34 @@ def parse(data: Any, topology: Topology, source: str = "checks") -> Checks:
             for j, e in enumerate(getattr(c, "expect", None) or []):
                 if e not in (serve or []):
                     problems.append(f"{kind}[{i}].expect[{j}]: {e!r} is not one of serve")
+    for kind, items in (("routes", checks.routes), ("commands", checks.commands)):
+        for i, c in enumerate(items):
+            if c.node not in names:
+                problems.append(f"{kind}[{i}].node: node {c.node!r} is not defined in the topology")
+    for i, f in enumerate(checks.faults):
+        action = "kill" if f.kill else "restart" if f.restart else "link"
+        if f.node not in names:
+            problems.append(f"faults[{i}].{action}.node: node {f.node!r} is not defined in the topology")
+        elif f.link is not None and not any(own.interface == f.link.interface for own, _ in topology.links_of(f.node)):
+            problems.append(f"faults[{i}].link.interface: {f.node} has no link on {f.link.interface!r}")
+        else:
+            role = role_of(topology.node(f.node))  # type: ignore[arg-type]
+            if f.kill is not None and role is not Role.AGENT:
+                problems.append(f"faults[{i}].kill.node: {f.node} is a {role.value} node; kill needs a bgp-fabric node")
+            if f.restart is not None and role not in (Role.AGENT, Role.FRR):
+                problems.append(f"faults[{i}].restart.node: {f.node} is a {role.value} node; restart needs a "
+                                "bgp-fabric or FRR node")
+        if f.probe.src not in names:
+            problems.append(f"faults[{i}].probe.from: node {f.probe.src!r} is not defined in the topology")
     if problems:
         raise TopologyError(problems, source)
     return checks
 
 
-def load_for(topology: Topology) -> tuple[Checks, Path | None]:
-    """The checks next to `topology` (defaults when there is no such file) and the file used."""
+def load_for(topology: Topology, path: Path | None = None) -> tuple[Checks, Path | None]:
+    """The checks in `path`, else next to `topology` (defaults when there is no such file), and the file used."""
+    if path is not None:
+        return parse(read_yaml(path), topology, str(path)), path
     p = path_for(topology.path)
     if not p.exists():
         return Checks(), None

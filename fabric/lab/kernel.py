@@ -186,6 +186,7 @@ mount -t tmpfs tmpfs /run
 mkdir -p /run/netns /run/frr /run/bird /var/run /dev/shm
 {extra_setup}
 mount -t tmpfs tmpfs /dev/shm 2>/dev/null
+mkdir -p /run/pts && mount -t devpts -o newinstance,ptmxmode=0666 devpts /run/pts 2>/dev/null
 mount -t bpf bpf /sys/fs/bpf 2>/dev/null
 mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null
 chown frr:frr /run/frr 2>/dev/null
@@ -223,13 +224,15 @@ def write_init(work: Path, command: list[str], cwd: str, *, modules: list[str], 
 
 
 def run(command: list[str], *, timeout: float = 1800, mem: str = "2G", stream: bool = True,
-        cwd: str | None = None, log=print) -> RunResult:
+        cwd: str | None = None, log=print, console_fd: int | None = None) -> RunResult:
     """Run `command` in a capable kernel and return its status and output.
 
     On a capable host it just runs. Otherwise UML boots with the host's root as its root (so the
     venv and every tool are there), runs the command once and powers off. Output is streamed to our
     stdout while it runs when `stream` is set. On timeout the whole UML process group is killed.
     fabric.lab.vm.run() is the same for the qemu VM (a kernel that also has IPv4 nftables NAT).
+    `console_fd` (a socket) becomes the lab kernel's serial line ssl0, named to the command by
+    FABRIC_LAB_CONSOLE=ssl0 (`fabric lab exec` from the host; fabric.lab.relay).
     """
     cwd = cwd or os.getcwd()
     if in_lab_kernel() or capable()[0]:
@@ -237,25 +240,33 @@ def run(command: list[str], *, timeout: float = 1800, mem: str = "2G", stream: b
     binary = ensure(log=log)
     work = Path(tempfile.mkdtemp(prefix="fabric-uml-"))
     try:
+        markers = {IN_LAB_ENV: "1"}
+        if console_fd is not None:
+            markers["FABRIC_LAB_CONSOLE"] = "ssl0"
         init = write_init(work, command, cwd, modules=MODULES, module_prefix=prefix(), hostname="fabric-lab",
-                          markers={IN_LAB_ENV: "1"})
+                          markers=markers)
         args = [str(binary), f"mem={mem}", "seccomp=on", "rootfstype=hostfs", "rootflags=/", "rw",
-                f"init={init}", "con=null", "con0=null,fd:2" if not stream else "con0=null,fd:2", "quiet"]
+                f"init={init}", "con=null", "con0=null,fd:2", "ssl=null", "quiet"]
+        if console_fd is not None:
+            args.insert(-1, f"ssl0=fd:{console_fd},fd:{console_fd}")
         env = dict(os.environ, TMPDIR=str(work))
-        return boot_and_collect(args, work, timeout=timeout, stream=stream, label="lab kernel", env=env)
+        return boot_and_collect(args, work, timeout=timeout, stream=stream, label="lab kernel", env=env,
+                                pass_fds=() if console_fd is None else (console_fd,))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def boot_and_collect(args: list[str], work: Path, *, timeout: float, stream: bool, label: str,
-                     env: dict[str, str] | None = None) -> RunResult:
+                     env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()) -> RunResult:
     """Boot a lab kernel (UML or the qemu VM) whose init runs one command with its output in
     `work/out` and its exit status in `work/rc` (both on the host's file system), stream that output
     while it runs, and kill the whole process group on timeout or Ctrl-C."""
     out, rc = work / "out", work / "rc"
     kernel_log = open(work / "kernel.log", "wb")
+    if shutil.which("setpriv"):  # the kernel (and the lab in it) dies with us, even when we are SIGKILLed
+        args = ["setpriv", "--pdeathsig", "KILL", *args]
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=kernel_log, stderr=kernel_log,
-                            env=env, start_new_session=True)
+                            env=env, start_new_session=True, pass_fds=pass_fds)
     stop = threading.Event()
     tail = threading.Thread(target=_tail, args=(out, stop, stream), daemon=True)
     tail.start()

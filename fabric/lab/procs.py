@@ -53,6 +53,14 @@ class Processes:
             proc.popen.wait()
             return 124
 
+    def find(self, label: str) -> Proc | None:
+        """The newest process started under `label`."""
+        return next((p for p in reversed(self.procs) if p.label == label), None)
+
+    def forget(self, proc: Proc) -> None:
+        """A process that was stopped on purpose (a fault) and reaped: no longer a dead daemon."""
+        self.procs = [p for p in self.procs if p is not proc]
+
     def dead(self, labels_prefix: tuple[str, ...] = ()) -> list[Proc]:
         """Long-running processes (started with `start`) that have exited."""
         return [p for p in self.procs if not p.running and p.label.startswith(labels_prefix)]

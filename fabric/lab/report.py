@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fabric.lab.kinds import LabPlan
 from fabric.lab.sessions import Session
+
+if TYPE_CHECKING:
+    from fabric.lab.faults import FaultResult
 
 
 @dataclass(frozen=True)
@@ -26,8 +31,24 @@ def table(headers: list[str], rows: list[list[str]]) -> list[str]:
     return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
 
 
+def _secs(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}s"
+
+
+def fault_rows(faults: Sequence[FaultResult]) -> list[list[str]]:
+    rows = []
+    for f in faults:
+        r = f.result
+        lost = "-" if r is None else f"{r.lost}/{r.sent}"
+        outage = "-" if r is None else (f"{r.outage * 1000:.0f} ms" if r.lost else "0")
+        rows.append([f.label, f.probe, lost, outage, _secs(f.sessions_at), _secs(f.routes_at),
+                     _secs(None if r is None else (r.back_after if r.lost else 0.0)),
+                     _secs(f.converged_at), "pass" if f.ok else "FAIL"])
+    return rows
+
+
 def render(plan: LabPlan, sessions: dict[str, list[Session]], results: list[CheckResult],
-           build_error: str | None = None) -> str:
+           build_error: str | None = None, faults: Sequence[FaultResult] = (), picture: str | None = None) -> str:
     out: list[str] = ["", f"=== lab {plan.topology.name} (run {plan.run_id}) ==="]
     node_rows = []
     for n in plan.nodes:
@@ -50,6 +71,12 @@ def render(plan: LabPlan, sessions: dict[str, list[Session]], results: list[Chec
     if results:
         rows = [[r.name, "pass" if r.ok else "FAIL", f"{r.seconds:.1f}s", r.detail] for r in results]
         out += ["", "checks:", *table(["CHECK", "RESULT", "TIME", "DETAIL"], rows)]
+    if faults:
+        out += ["", "faults (seconds after the fault; traffic: the reply that ended the last loss):",
+                *table(["FAULT", "PROBE", "LOST", "OUTAGE", "SESSIONS", "ROUTES", "TRAFFIC", "CONVERGED", "RESULT"],
+                       fault_rows(faults))]
+    if picture:
+        out += ["", f"picture: {picture}"]
     passed = sum(r.ok for r in results)
     out.append("")
     if build_error:

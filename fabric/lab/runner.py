@@ -11,9 +11,12 @@ Ctrl-C/SIGTERM and on any failure. Exit: 0 all checks passed, 1 a check or the b
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,9 +28,10 @@ from pathlib import Path
 from typing import TextIO
 
 from fabric.lab import kernel as labkernel
-from fabric.lab import agent, clab, frr, netns
+from fabric.lab import agent, clab, faults, frr, netns, picture, relay
 from fabric.lab import checks as checks_mod
-from fabric.lab.checks import Http, Checks, Ping, Tcp
+from fabric.lab import routes as lab_routes
+from fabric.lab.checks import Command, Http, Checks, Ping, Tcp
 from fabric.lab.kinds import LabPlan, NodePlan, Role, plan
 from fabric.lab.procs import Processes
 from fabric.lab.report import CheckResult, render, verdict
@@ -35,7 +39,11 @@ from fabric.lab.sessions import Session, from_frr_summary
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 EXEC_TIMEOUT = 60.0
+COMMAND_TIMEOUT = 30.0  # one attempt of a checks-file command
+EXEC_LABEL = "*lab/execd"  # not a node's label ("*" is no valid node name): never counted as a node's daemon
 DAEMON_START_TIMEOUT = 60.0
+CONSOLE_ENV = "FABRIC_LAB_CONSOLE"  # set inside the lab kernel: the serial line the host relays `lab exec` on
+REPORTS = Path("/tmp/bgp-fabric-reports")  # the host's /tmp also inside the lab kernel (hostfs): reports outlive it
 POLL = 0.5  # seconds between convergence polls (the lab's own wait, not any route's path)
 
 
@@ -52,35 +60,54 @@ class BuildError(RuntimeError):
 
 
 def main(args: argparse.Namespace) -> int:
-    """Entry point of `fabric lab run` (args: topology, keep, timeout)."""
+    """Entry point of `fabric lab run` (args: topology, keep, timeout, checks, report_dir)."""
+    checks_path = Path(args.checks).resolve() if getattr(args, "checks", None) else None
+    report_dir = Path(args.report_dir).resolve() if getattr(args, "report_dir", None) else None
     try:
         topology = clab.load(args.topology)
-        checks_mod.load_for(topology)
+        checks_mod.load_for(topology, checks_path)
         plan(topology, "0000")  # validate node kinds/binds before booting anything
     except clab.TopologyError as e:
         for line in e.problems:
             print(f"{e.source}: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if not labkernel.in_lab_kernel() and not labkernel.capable()[0]:
-        return _in_lab_kernel(topology.path, keep=args.keep, timeout=args.timeout)
-    return run(topology.path, keep=args.keep, timeout=args.timeout)
+        return _in_lab_kernel(topology.path, keep=args.keep, timeout=args.timeout, checks_path=checks_path,
+                              report_dir=report_dir, name=topology.name)
+    return run(topology.path, keep=args.keep, timeout=args.timeout, checks_path=checks_path, report_dir=report_dir)
 
 
-def _in_lab_kernel(topology: Path, *, keep: bool, timeout: float) -> int:
+def _in_lab_kernel(topology: Path, *, keep: bool, timeout: float, checks_path: Path | None = None,
+                   report_dir: Path | None = None, name: str = "lab") -> int:
     cmd = [sys.executable, "-m", "fabric.cli", "lab", "run", str(topology), "--timeout", str(timeout)]
     if keep:
         cmd.append("--keep")
+    if checks_path is not None:
+        cmd += ["--checks", str(checks_path)]
+    if report_dir is not None:
+        cmd += ["--report-dir", str(report_dir)]
     print("lab: this kernel lacks ipip/IPVS/dummy; running the lab inside the lab kernel (one boot)", flush=True)
     # labkernel.run kills the UML kernel (and so the whole lab) on KeyboardInterrupt; make SIGTERM do the same.
     old = None
     if threading.current_thread() is threading.main_thread():
         old = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    # `fabric lab exec` from the host: a socket pair is the lab kernel's serial line; we relay it to a unix socket.
+    ours, theirs = socket.socketpair()
+    line = relay.Relay(ours, relay.socket_path(name, str(os.getpid())))
     try:
-        r = labkernel.run(cmd, timeout=timeout + 120, cwd=str(labkernel.REPO_ROOT), stream=True)
+        line.start()
+    except OSError as e:
+        print(f"lab: no `fabric lab exec` for this run ({e})", file=sys.stderr)
+    try:
+        r = labkernel.run(cmd, timeout=timeout + 120, cwd=str(labkernel.REPO_ROOT), stream=True,
+                          console_fd=theirs.fileno())
     except labkernel.LabKernelError as e:
         print(f"lab kernel: {e}", file=sys.stderr)
         return EXIT_FAIL
     finally:
+        theirs.close()
+        line.stop()
+        ours.close()
         if old is not None:
             signal.signal(signal.SIGTERM, old)
     if r.timed_out:
@@ -88,21 +115,24 @@ def _in_lab_kernel(topology: Path, *, keep: bool, timeout: float) -> int:
     return r.returncode
 
 
-def run(topology_path: str | Path, *, keep: bool = False, timeout: float = 900, out: TextIO | None = None) -> int:
+def run(topology_path: str | Path, *, keep: bool = False, timeout: float = 900, out: TextIO | None = None,
+        checks_path: Path | None = None, report_dir: Path | None = None) -> int:
     """Build, check, report and tear down one lab in this (capable) kernel. Returns the exit status.
 
     The Python API behind `fabric lab run` once inside a capable kernel; tests call it directly.
+    The report (report.txt, topology.svg) is also written to `report_dir`
+    (default /tmp/bgp-fabric-reports/<lab>-<run>).
     """
     out = out or sys.stdout
     try:
         topology = clab.load(topology_path)
-        lab_checks, checks_file = checks_mod.load_for(topology)
+        lab_checks, checks_file = checks_mod.load_for(topology, checks_path)
         lab_plan = plan(topology, uuid.uuid4().hex[:4])
     except clab.TopologyError as e:
         for line in e.problems:
             print(f"{e.source}: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    lab = Lab(lab_plan, lab_checks, out)
+    lab = Lab(lab_plan, lab_checks, out, report_dir or REPORTS / f"{topology.name}-{lab_plan.run_id}")
     restore = _install_signal_handlers()
     result: int | None = None  # set once the report is out (then --keep's Ctrl-C keeps the verdict)
     try:
@@ -113,7 +143,7 @@ def run(topology_path: str | Path, *, keep: bool = False, timeout: float = 900, 
         result = EXIT_OK if lab.run(deadline=time.monotonic() + timeout) else EXIT_FAIL
         if keep:
             lab.say(f"--keep: lab is up (namespaces {lab_plan.topology.name}-{lab_plan.run_id}-*, logs in "
-                    f"{lab.workdir}); Ctrl-C or SIGTERM tears it down")
+                    f"{lab.workdir}); enter a node with `fabric lab exec NODE`; Ctrl-C or SIGTERM tears it down")
             while True:
                 signal.pause()
         return result
@@ -132,18 +162,22 @@ def run(topology_path: str | Path, *, keep: bool = False, timeout: float = 900, 
 class Lab:
     """One lab run: what was created (so teardown removes exactly that), sessions and check results."""
 
-    def __init__(self, lab_plan: LabPlan, lab_checks: Checks, out: TextIO):
+    def __init__(self, lab_plan: LabPlan, lab_checks: Checks, out: TextIO, report_dir: Path | None = None):
         self.plan = lab_plan
         self.checks = lab_checks
         self.out = out
+        self.report_dir = report_dir
         self.procs = Processes()
         self.created_ns: list[str] = []
         self.frr_nodes: list[NodePlan] = []
         self.agent_nodes: list[tuple[NodePlan, bool]] = []  # (node, its runDir is ours to remove)
         self.sessions: dict[str, list[Session]] = {}
         self.results: list[CheckResult] = []
+        self.fault_results: list[faults.FaultResult] = []
         self.t0 = time.monotonic()
+        self.exec_socket: Path | None = None
         self.workdir = _make_workdir()
+        self.shims = _make_shims(self.workdir)
         self.torn_down = False
 
     # -- progress ------------------------------------------------------------------------------
@@ -152,7 +186,18 @@ class Lab:
         print(f"[{time.monotonic() - self.t0:6.1f}s] {msg}", file=self.out, flush=True)
 
     def env_for(self, n: NodePlan) -> dict[str, str]:
-        return {**os.environ, **n.node.env}
+        """The node's environment (topology `env`), plus what makes its tools work in its namespace:
+        FRR nodes get a `vtysh` that talks to their own daemons, agent nodes FABRIC_CONFIG (`fabric status`
+        needs no -c), every node the venv's `fabric` on PATH."""
+        env = {**os.environ, **n.node.env, "FABRIC_LAB": self.plan.topology.name, "FABRIC_LAB_NODE": n.name,
+               "FABRIC_NETNS": n.netns}
+        path = [str(Path(sys.executable).parent)]
+        if n.frr is not None:
+            path.insert(0, str(self.shims))
+        if n.agent is not None:
+            env["FABRIC_CONFIG"] = str(n.agent.config)
+        env["PATH"] = ":".join(path + [env.get("PATH") or "/usr/sbin:/usr/bin:/sbin:/bin"])
+        return env
 
     # -- the whole run -------------------------------------------------------------------------
 
@@ -163,15 +208,59 @@ class Lab:
         except (BuildError, netns.NetnsError, frr.FrrError, OSError, subprocess.TimeoutExpired) as e:
             build_error = str(e)
             self.say(f"build failed: {e}")
+        picture_note = None
         if build_error is None:
             converged = self.converge(deadline)
             self.run_checks(converged, deadline)
+            self.run_faults(converged)
             for n in self.plan.nodes:  # the report shows the sessions as they are at the end
                 if n.speaks_bgp and not self.dead_daemons(n):
                     self.read_sessions(n)
-        self.out.write(render(self.plan, self.sessions, self.results, build_error))
+            picture_note = self.draw()
+        text = render(self.plan, self.sessions, self.results, build_error, faults=self.fault_results,
+                      picture=picture_note)
+        self.out.write(text)
         self.out.flush()
+        if self.report_dir is not None:
+            try:
+                self.report_dir.mkdir(parents=True, exist_ok=True)
+                (self.report_dir / "report.txt").write_text(text)
+            except OSError as e:
+                self.say(f"report: could not write {self.report_dir}: {e}")
         return verdict(self.results, build_error)
+
+    # -- the picture ---------------------------------------------------------------------------
+
+    def draw(self) -> str:
+        """Write topology.svg into the report folder; returns the report's `picture:` line."""
+        if self.report_dir is None:
+            return "not written (no report folder)"
+        addresses: dict[str, list[str]] = {}
+        owner: dict[str, str] = {}
+        reader = lab_routes.TableReader()
+        switches = frozenset(n.name for n in self.plan.nodes if "bridge" in reader.table(n.netns)[1].values())
+        for n in self.plan.nodes:
+            lab_ifs = {own.interface for own, _ in self.plan.topology.links_of(n.name)} | {"br0"}
+            for dev, addr in _addresses(n.netns):
+                owner.setdefault(addr, n.name)
+                if dev in lab_ifs:
+                    addresses.setdefault(n.name, []).append(addr)
+        paths: dict[tuple[str, str], str] = {}
+        for n in self.plan.nodes:
+            if n.agent is None:
+                continue
+            routes, kinds = reader.table(n.netns)
+            for r in routes:
+                if r.protocol != "80" or r.type != "unicast":
+                    continue
+                for h in r.hops:
+                    other = owner.get(h.gateway or "")
+                    if other and other != n.name and self.plan.by_name(other).agent is not None:
+                        paths.setdefault((n.name, other), r.kind(kinds) if len(r.hops) == 1 else
+                                         ("ipip" if kinds.get(h.dev or "") == "ipip" else "direct"))
+        svg = self.report_dir / "topology.svg"
+        why = picture.render(picture.dot_source(self.plan, self.sessions, owner, paths, addresses, switches), svg)
+        return str(svg) if why is None else f"none ({why})"
 
     def build(self) -> None:
         topo = self.plan.topology
@@ -201,11 +290,34 @@ class Lab:
             if n.node.exec or n.node.sysctls:
                 self.say(f"{n.name}: {len(n.node.sysctls)} sysctl(s), {len(n.node.exec)} exec command(s) done")
         self.start_daemons()
+        self.start_exec_server()
+
+    def start_exec_server(self) -> None:
+        """`fabric lab exec` into this lab: the exec server on the lab kernel's serial line (the host relays
+        it), else on a unix socket here. Optional: a failure is reported and the lab goes on."""
+        info = {"lab": self.plan.topology.name, "run": self.plan.run_id,
+                "nodes": {n.name: {"netns": n.netns, "env": self.env_for(n)} for n in self.plan.nodes}}
+        nodes_file = self.workdir / "exec-nodes.json"
+        nodes_file.write_text(json.dumps(info))
+        nodes_file.chmod(0o600)
+        cmd = [sys.executable, "-m", "fabric.lab.execd", "--nodes", str(nodes_file)]
+        line = os.environ.get(CONSOLE_ENV) if labkernel.in_lab_kernel() else None
+        if line:
+            cmd += ["--tty", line]
+            where = "through the host's relay"
+        else:
+            self.exec_socket = relay.socket_path(self.plan.topology.name, self.plan.run_id)
+            cmd += ["--listen", str(self.exec_socket)]
+            where = str(self.exec_socket)
+        self.procs.start(EXEC_LABEL, cmd, self.workdir / "execd.log", dict(os.environ))
+        self.say(f"exec: `fabric lab exec NODE [-- CMD]` enters a node ({where})")
 
     def start_daemons(self) -> None:
         started: list[tuple[NodePlan, list[str]]] = []
         for n in self.plan.nodes:
             if n.frr is not None:
+                (self.workdir / "vtysh" / n.netns).mkdir(parents=True)
+                (self.workdir / "vtysh" / n.netns / "vtysh.conf").touch()
                 self.frr_nodes.append(n)
                 started.append((n, frr.start(self.procs, n.name, n.netns, n.frr, self.workdir, self.env_for(n))))
         if started:
@@ -317,6 +429,49 @@ class Lab:
             self._serve_http(node, port)
         for h in self.checks.http:
             self.results.append(self._retry(h.label(), lambda h=h: self._http(h), h.timeout, converged, deadline))
+        reader = lab_routes.TableReader()
+
+        def route_attempt(r: checks_mod.Route) -> tuple[bool, str]:
+            reader.refresh()
+            return lab_routes.check(r, self.plan.netns(r.node), reader)
+
+        for r in self.checks.routes:
+            self.results.append(self._retry(r.label(), lambda r=r: route_attempt(r), r.timeout, converged, deadline))
+        for c in self.checks.commands:
+            self.results.append(self._retry(c.label(), lambda c=c: self._command(c), c.timeout, converged, deadline))
+
+    def run_faults(self, converged: bool) -> None:
+        for f in self.checks.faults:
+            name = f"fault: {f.label()}"
+            if not converged:
+                self.results.append(CheckResult(name, False, 0.0, "not injected: BGP never converged"))
+                continue
+            self.say(f"fault {f.label()}: probe {f.probe.src} -> {f.probe.to} at {f.probe.rate}/s")
+            r = faults.run_fault(self, f)
+            self.fault_results.append(r)
+            summary = r.result.describe() if r.result else ""
+            if r.converged_at is not None:
+                summary += f"; converged after {r.converged_at:.1f}s"
+            if r.detail:
+                summary += f"; {r.detail}" if summary else r.detail
+            self.results.append(CheckResult(name, r.ok, r.converged_at or 0.0, summary))
+            self.say(f"fault {f.label()}: {'pass' if r.ok else 'FAIL'} ({summary})")
+
+    def _command(self, c: Command) -> tuple[bool, str]:
+        n = self.plan.by_name(c.node)
+        try:
+            r = subprocess.run(netns.exec_cmd(n.netns, ["sh", "-c", c.run]), capture_output=True, text=True,
+                               env=self.env_for(n), timeout=COMMAND_TIMEOUT, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return False, f"timed out after {COMMAND_TIMEOUT:.0f}s"
+        output = r.stdout + r.stderr
+        missing = [e for e in c.expect if not re.search(e, output, re.M)]
+        last = next((ln.strip() for ln in reversed(output.splitlines()) if ln.strip()), "(no output)")
+        if r.returncode != c.exit:
+            return False, f"exit {r.returncode}, want {c.exit}: {last[:120]}"
+        if missing:
+            return False, f"no match for {missing[0]!r}: {last[:120]}"
+        return True, f"exit {r.returncode}" + (f", matched {len(c.expect)} pattern(s)" if c.expect else "")
 
     def _serve_http(self, node: str, port: int) -> None:
         code = ("import http.server\n"
@@ -399,6 +554,8 @@ class Lab:
             return
         self.torn_down = True
         self.procs.stop_all()
+        if self.exec_socket is not None:
+            self.exec_socket.unlink(missing_ok=True)
         for ns in self.created_ns:
             netns.delete(ns)
         for n in self.frr_nodes:
@@ -409,6 +566,28 @@ class Lab:
         left = [ns for ns in self.created_ns if netns.exists(ns)]
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.say("teardown: done" if not left else f"teardown: could not remove {', '.join(left)}")
+
+
+def _make_shims(workdir: Path) -> Path:
+    """`vtysh` for FRR nodes: FRR's vtysh talking to the node's own daemons (pathspace = its namespace),
+    its config folder in the lab's folder (an empty vtysh.conf per node: no warning, and `write` stays in the lab)."""
+    shims = workdir / "bin"
+    shims.mkdir()
+    real = shutil.which("vtysh") or "/usr/bin/vtysh"
+    (shims / "vtysh").write_text(f'#!/bin/sh\nexec {real} --config_dir {workdir / "vtysh"} -N "$FABRIC_NETNS" "$@"\n')
+    (shims / "vtysh").chmod(0o755)
+    return shims
+
+
+def _addresses(ns: str) -> list[tuple[str, str]]:
+    """(device, IPv4 address) of every address in the namespace."""
+    try:
+        r = subprocess.run(["ip", "-n", ns, "-j", "addr", "show"], capture_output=True, text=True, timeout=10)
+        data = json.loads(r.stdout or "[]")
+    except (subprocess.TimeoutExpired, ValueError):
+        return []
+    return [(str(link.get("ifname")), a["local"]) for link in data if isinstance(link, dict)
+            for a in link.get("addr_info", []) if isinstance(a, dict) and a.get("family") == "inet" and "local" in a]
 
 
 def _make_workdir() -> Path:

@@ -3,6 +3,7 @@ the run, SIGTERM tears down — and every time no namespace, process, veth, FRR 
 
 from __future__ import annotations
 
+import html
 import io
 import re
 import signal
@@ -43,11 +44,16 @@ def assert_nothing_left(before: dict[str, set[str]]) -> None:
         assert items <= before[key], f"left behind ({key}): {sorted(items - before[key])}"
 
 
-def test_default_lab_passes_twice_in_a_row_and_leaves_nothing() -> None:
+def test_default_lab_passes_twice_in_a_row_and_leaves_nothing(tmp_path: Path) -> None:
+    """First run: the default checks (routes, commands, three faults) and the picture; second run: the same lab
+    again with a short checks file (the point is that nothing of the first run is in the way)."""
     before = snapshot()
-    for attempt in (1, 2):
+    again = tmp_path / "again.checks.yml"
+    again.write_text(yaml.safe_dump({"timeout": 90, "pings": [{"from": "pod-a1", "to": "10.244.3.10"}]}))
+    for attempt, checks_path in ((1, None), (2, again)):
         out = io.StringIO()
-        rc = runner.run(DEFAULT_LAB, timeout=240, out=out)
+        reports = tmp_path / f"report-{attempt}"
+        rc = runner.run(DEFAULT_LAB, timeout=300, out=out, checks_path=checks_path, report_dir=reports)
         text = out.getvalue()
         assert rc == 0, f"run {attempt} failed:\n{text}"
         assert "verdict: PASS" in text
@@ -55,8 +61,24 @@ def test_default_lab_passes_twice_in_a_row_and_leaves_nothing() -> None:
         assert text.count(" established ") >= 8
         for node in ("tor", "node-a1", "node-a2", "node-b1", "node-b2"):
             assert re.search(rf"bgp {node}: every session Established +pass", text), node
-        assert "ping pod-a1 -> 10.244.3.10" in text and "ping pod-b1 -> 10.244.1.10" in text
+        assert "ping pod-a1 -> 10.244.3.10" in text
         assert "teardown: done" in text
+        assert (reports / "report.txt").read_text() in text
+        svg = html.unescape((reports / "topology.svg").read_text())
+        assert f"picture: {reports / 'topology.svg'}" in text
+        assert all(f">{n}</text>" in svg for n in ("tor", "node-a1", "pod-b2", "client")), svg[:400]
+        if attempt == 1:
+            assert "ping pod-b1 -> 10.244.1.10" in text
+            assert re.search(r"route node-a1: 10\.244\.3\.0/24 via 10\.0\.2\.11 kind ipip +pass .*\(ipip, proto 80\)",
+                             text), text
+            # three faults, each with its probe's loss and the time to converge
+            rows = [ln for ln in text.split("faults (")[1].splitlines() if ln.strip().endswith(("pass", "FAIL"))]
+            assert len(rows) == 3 and all(ln.endswith("pass") for ln in rows), text
+            kill = rows[0].split()
+            assert kill[:5] == ["kill", "-9", "agent", "on", "node-b1"] and kill[10].startswith("0/"), rows[0]
+            assert re.search(r"link rack-a:eth3 down 2s .* [1-9]\d*/\d+ +\d+ ms", rows[1]), rows[1]  # it did cut
+            # sessions coloured by state, IPIP pairs dashed, direct pairs solid
+            assert svg.count('stroke="#2e9e44"') >= 10 and 'stroke-dasharray="5,2"' in svg
         assert_nothing_left(before)
 
 
@@ -84,7 +106,7 @@ def test_a_failing_check_fails_the_run_and_still_cleans_up(tmp_path: Path) -> No
                                          {"from": "h1", "to": "10.9.0.99", "timeout": 2}]})
     before = snapshot()
     out = io.StringIO()
-    rc = runner.run(lab, timeout=60, out=out)
+    rc = runner.run(lab, timeout=60, out=out, report_dir=tmp_path / "report")
     text = out.getvalue()
     assert rc == 1, text
     assert "ping h1 -> 10.9.0.2 " in text and "ping h1 -> 10.9.0.99" in text
@@ -101,7 +123,7 @@ def test_a_failing_exec_command_fails_the_build_and_cleans_up(tmp_path: Path) ->
     lab.write_text(yaml.safe_dump(data))
     before = snapshot()
     out = io.StringIO()
-    assert runner.run(lab, timeout=60, out=out) == 1
+    assert runner.run(lab, timeout=60, out=out, report_dir=tmp_path / "report") == 1
     assert "build failed: h2: exec[1] 'ip route add 10.99.0.0/16 via 10.8.8.8' exited" in out.getvalue()
     assert_nothing_left(before)
 
@@ -109,7 +131,8 @@ def test_a_failing_exec_command_fails_the_build_and_cleans_up(tmp_path: Path) ->
 def test_sigterm_while_waiting_tears_everything_down(tmp_path: Path) -> None:
     lab = small_lab(tmp_path, {"timeout": 120}, frr_peer=True)
     before = snapshot()
-    proc = subprocess.Popen([sys.executable, "-m", "fabric.cli", "lab", "run", str(lab)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "fabric.cli", "lab", "run", str(lab),
+                             "--report-dir", str(tmp_path / "report")], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=REPO)
     lines: list[str] = []
     try:
@@ -160,7 +183,16 @@ def agent_lab(tmp_path: Path) -> Path:
              {"endpoints": ["n2:eth2", "p2:eth1"]}]
     (tmp_path / "agents.clab.yml").write_text(yaml.safe_dump({"name": "ag", "topology": {"nodes": nodes,
                                                                                          "links": links}}))
-    (tmp_path / "agents.checks.yml").write_text(yaml.safe_dump({"pings": [{"from": "p1", "to": "10.244.2.10"}]}))
+    probe = {"rate": 50}
+    (tmp_path / "agents.checks.yml").write_text(yaml.safe_dump({
+        "pings": [{"from": "p1", "to": "10.244.2.10"}],
+        "routes": [{"node": "n1", "prefix": "10.244.2.0/24", "via": "10.0.1.12", "kind": "direct"},
+                   {"node": "n2", "prefix": "10.244.2.0/24", "kind": "blackhole"}],
+        # graceful restart both ways: neither fault may lose a packet
+        "faults": [{"kill": {"node": "n2", "process": "exabgp"},
+                    "probe": dict(probe, **{"from": "p1", "to": "10.244.2.10"}), "maxLoss": 0},
+                   {"restart": {"node": "n1"}, "probe": dict(probe, **{"from": "p2", "to": "10.244.1.10"}),
+                    "maxLoss": 0}]}))
     return tmp_path / "agents.clab.yml"
 
 
@@ -168,11 +200,14 @@ def test_agent_nodes_run_report_their_status_and_clean_up(tmp_path: Path) -> Non
     lab = agent_lab(tmp_path)
     before = snapshot()
     out = io.StringIO()
-    rc = runner.run(lab, timeout=120, out=out)
+    rc = runner.run(lab, timeout=120, out=out, report_dir=tmp_path / "report")
     text = out.getvalue()
     assert rc == 0, text
     assert re.search(r"bgp n1: every session Established +pass +\S+ +1/1 established", text), text
     assert re.search(r"n2 +10\.0\.1\.11 +n1 +64512 +established", text), text  # from n2's status.json
+    assert re.search(r"route n1: 10\.244\.2\.0/24 via 10\.0\.1\.12 kind direct +pass", text), text
+    assert re.search(r"kill -9 exabgp on n2 +p1 -> 10\.244\.2\.10 @ 50/s +0/\d+ +0 .* pass", text), text
+    assert re.search(r"restart n1 +p2 -> 10\.244\.1\.10 @ 50/s +0/\d+ +0 .* pass", text), text
     assert not (tmp_path / "n1" / "run").exists() and not (tmp_path / "n2" / "run").exists()
     assert_nothing_left(before)
 
@@ -180,7 +215,8 @@ def test_agent_nodes_run_report_their_status_and_clean_up(tmp_path: Path) -> Non
 def test_keep_holds_the_lab_until_ctrl_c_and_keeps_the_verdict(tmp_path: Path) -> None:
     lab = small_lab(tmp_path, {"pings": [{"from": "h1", "to": "10.9.0.2"}]})
     before = snapshot()
-    proc = subprocess.Popen([sys.executable, "-m", "fabric.cli", "lab", "run", str(lab), "--keep"],
+    proc = subprocess.Popen([sys.executable, "-m", "fabric.cli", "lab", "run", str(lab), "--keep",
+                             "--report-dir", str(tmp_path / "report")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     lines: list[str] = []
     try:
