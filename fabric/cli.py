@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     lr.set_defaults(func=_lab_run)
     le = lsub.add_parser("exec", help="run a command (default: a shell) in a node of a running lab",
                          usage="fabric lab exec [--lab NAME] [-t|-T] NODE [-- COMMAND [ARG ...]]")
-    le.add_argument("--lab", help="the lab's name, when several labs run")
+    le.add_argument("--lab", help="the lab's name (or NAME@RUN, as `fabric lab ls` shows), when several labs run")
     t = le.add_mutually_exclusive_group()
     t.add_argument("-t", dest="tty", action="store_const", const=True, help="use a pty (default: only for a shell)")
     t.add_argument("-T", dest="tty", action="store_const", const=False, help="never use a pty")

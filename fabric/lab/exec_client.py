@@ -35,7 +35,7 @@ class ExecError(Exception):
 
 def sockets(lab: str | None = None) -> list[Path]:
     found = sorted(SOCKET_DIR.glob("*@*.sock")) if SOCKET_DIR.is_dir() else []
-    return [p for p in found if lab is None or lab_of(p) == lab]
+    return [p for p in found if lab is None or lab in (lab_of(p), p.stem)]  # NAME, or NAME@TAG for one run
 
 
 def _answers(path: Path) -> bool:
@@ -55,7 +55,8 @@ def find_socket(lab: str | None) -> Path:
     if len(found) > 1:
         names = ", ".join(sorted({lab_of(p) for p in found}))
         raise ExecError(f"several labs are running ({names}): choose one with --lab"
-                        if lab is None else f"several runs of lab {lab!r}: {', '.join(map(str, found))}")
+                        if lab is None else f"several runs of lab {lab!r}: choose one with --lab "
+                        + " or --lab ".join(p.stem for p in found))
     return found[0]
 
 
@@ -98,7 +99,7 @@ def list_labs() -> int:
     for p in found:
         try:
             h = hello(p)
-            print(f"{h.get('lab')} (run {h.get('run')}): {' '.join(h.get('nodes', []))}")
+            print(f"{p.stem} (lab {h.get('lab')}, run {h.get('run')}): {' '.join(h.get('nodes', []))}")
         except ExecError as e:
             print(f"{lab_of(p)}: {e}")
     return 0

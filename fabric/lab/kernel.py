@@ -224,7 +224,7 @@ def write_init(work: Path, command: list[str], cwd: str, *, modules: list[str], 
 
 
 def run(command: list[str], *, timeout: float = 1800, mem: str = "2G", stream: bool = True,
-        cwd: str | None = None, log=print, console_fd: int | None = None) -> RunResult:
+        cwd: str | None = None, log=print, console_fd: int | None = None, tee: list[str] | None = None) -> RunResult:
     """Run `command` in a capable kernel and return its status and output.
 
     On a capable host it just runs. Otherwise UML boots with the host's root as its root (so the
@@ -232,7 +232,8 @@ def run(command: list[str], *, timeout: float = 1800, mem: str = "2G", stream: b
     stdout while it runs when `stream` is set. On timeout the whole UML process group is killed.
     fabric.lab.vm.run() is the same for the qemu VM (a kernel that also has IPv4 nftables NAT).
     `console_fd` (a socket) becomes the lab kernel's serial line ssl0, named to the command by
-    FABRIC_LAB_CONSOLE=ssl0 (`fabric lab exec` from the host; fabric.lab.relay).
+    FABRIC_LAB_CONSOLE=ssl0 (`fabric lab exec` from the host; fabric.lab.relay). `tee` collects the
+    output as it streams (what the command said before a Ctrl-C killed the kernel).
     """
     cwd = cwd or os.getcwd()
     if in_lab_kernel() or capable()[0]:
@@ -251,13 +252,14 @@ def run(command: list[str], *, timeout: float = 1800, mem: str = "2G", stream: b
             args.insert(-1, f"ssl0=fd:{console_fd},fd:{console_fd}")
         env = dict(os.environ, TMPDIR=str(work))
         return boot_and_collect(args, work, timeout=timeout, stream=stream, label="lab kernel", env=env,
-                                pass_fds=() if console_fd is None else (console_fd,))
+                                pass_fds=() if console_fd is None else (console_fd,), tee=tee)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def boot_and_collect(args: list[str], work: Path, *, timeout: float, stream: bool, label: str,
-                     env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()) -> RunResult:
+                     env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = (),
+                     tee: list[str] | None = None) -> RunResult:
     """Boot a lab kernel (UML or the qemu VM) whose init runs one command with its output in
     `work/out` and its exit status in `work/rc` (both on the host's file system), stream that output
     while it runs, and kill the whole process group on timeout or Ctrl-C."""
@@ -268,7 +270,7 @@ def boot_and_collect(args: list[str], work: Path, *, timeout: float, stream: boo
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=kernel_log, stderr=kernel_log,
                             env=env, start_new_session=True, pass_fds=pass_fds)
     stop = threading.Event()
-    tail = threading.Thread(target=_tail, args=(out, stop, stream), daemon=True)
+    tail = threading.Thread(target=_tail, args=(out, stop, stream, tee), daemon=True)
     tail.start()
     timed_out = False
     try:
@@ -329,11 +331,13 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def _tail(path: Path, stop: threading.Event, stream: bool) -> None:
+def _tail(path: Path, stop: threading.Event, stream: bool, tee: list[str] | None = None) -> None:
     """Copy what the command inside writes to our stdout as it comes (the file lives on hostfs)."""
     with open(path, "r", errors="replace") as f:
         while True:
             chunk = f.read()
+            if chunk and tee is not None:
+                tee.append(chunk)
             if chunk and stream:
                 sys.stdout.write(chunk)
                 sys.stdout.flush()

@@ -98,12 +98,20 @@ def _in_lab_kernel(topology: Path, *, keep: bool, timeout: float, checks_path: P
         line.start()
     except OSError as e:
         print(f"lab: no `fabric lab exec` for this run ({e})", file=sys.stderr)
+    said: list[str] = []
     try:
         r = labkernel.run(cmd, timeout=timeout + 120, cwd=str(labkernel.REPO_ROOT), stream=True,
-                          console_fd=theirs.fileno())
+                          console_fd=theirs.fileno(), tee=said)
     except labkernel.LabKernelError as e:
         print(f"lab kernel: {e}", file=sys.stderr)
         return EXIT_FAIL
+    except KeyboardInterrupt:
+        # Ctrl-C/SIGTERM killed the lab kernel (and so the whole lab). After the report (--keep) the verdict stands.
+        verdict_line = next((ln for ln in reversed("".join(said).splitlines()) if ln.startswith("verdict: ")), None)
+        if keep and verdict_line is not None:
+            print("lab: interrupted; the lab kernel and the lab in it are gone", flush=True)
+            return EXIT_OK if verdict_line.startswith("verdict: PASS") else EXIT_FAIL
+        raise
     finally:
         theirs.close()
         line.stop()

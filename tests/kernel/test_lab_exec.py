@@ -130,7 +130,8 @@ def run_scenario(tmp_path: Path, agent: bool) -> str:
                 proc.kill()
                 proc.wait()
     text = "".join(lines)
-    assert "teardown: done" in text or "interrupted" in text, text
+    assert "teardown: done" in text or "the lab kernel and the lab in it are gone" in text, text
+    assert proc.returncode == 1, text  # after the report, Ctrl-C keeps the verdict (r's session never came up)
     after = set(SOCKET_DIR.glob("*")) if SOCKET_DIR.is_dir() else set()
     assert after <= before, f"sockets left behind: {after - before}"
     assert "no running lab" in fabric("lab", "exec", "--lab", "ex", "h1", "--", "true").stderr
@@ -139,7 +140,8 @@ def run_scenario(tmp_path: Path, agent: bool) -> str:
 
 def check_exec(agent: bool) -> None:
     listing = fabric("lab", "ls")
-    assert listing.returncode == 0 and "ex (run " in listing.stdout and "h1 h2" in listing.stdout, listing
+    assert listing.returncode == 0 and "(lab ex, run " in listing.stdout and "h1 h2" in listing.stdout, listing
+    assert fabric("lab", "exec", "--lab", listing.stdout.split()[0], "h1", "--", "true").returncode == 0
     # a command: its exit status, stdout and stderr apart, stdin passed through
     r = fabric("lab", "exec", "--lab", "ex", "h1", "--", "sh", "-c", "read x; echo out $x; echo err >&2; exit 7",
                stdin="hello\n")

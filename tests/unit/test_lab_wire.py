@@ -71,6 +71,13 @@ def test_the_client_picks_the_one_live_lab_and_skips_dead_sockets(tmp_path: Path
         with pytest.raises(exec_client.ExecError, match=r"several labs are running \(lab, other\)"):
             exec_client.find_socket(None)
         assert exec_client.find_socket("other") == tmp_path / "other@3.sock"
+        again = socket.socket(socket.AF_UNIX)
+        again.bind(str(tmp_path / "other@4.sock"))
+        again.listen()
+        with pytest.raises(exec_client.ExecError, match="choose one with --lab other@3 or --lab other@4"):
+            exec_client.find_socket("other")
+        assert exec_client.find_socket("other@4") == tmp_path / "other@4.sock"
+        again.close()
         other.close()
     finally:
         live.close()
