@@ -145,7 +145,8 @@ class Session:
             fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
     def signal(self, signum: int) -> None:
-        if signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL, signal.SIGQUIT):
+        if self.proc.returncode is None and signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL,
+                                                       signal.SIGQUIT):
             _killpg(self.proc.pid, signum)
 
     # -- end ---------------------------------------------------------------------------------------
@@ -159,7 +160,8 @@ class Session:
         return 128 - code if code < 0 else code
 
     def close(self) -> None:
-        _killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc.returncode is None:  # once reaped, its pid (and group id) may belong to someone else
+            _killpg(self.proc.pid, signal.SIGKILL)
         self._stdin_task.cancel()
         for t in self._pending:
             t.cancel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,85 @@ def test_the_client_picks_the_one_live_lab_and_skips_dead_sockets(tmp_path: Path
         other.close()
     finally:
         live.close()
+
+
+class FakeLine:
+    """The lab kernel's side of the serial line, played by the test: frames in, frames out."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.decoder, self.got = sock, Decoder(), []
+        sock.settimeout(5)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def expect(self, n: int) -> list:
+        while len(self.got) < n:
+            self.got += self.decoder.feed(self.sock.recv(65536))
+        out, self.got = self.got[:n], self.got[n:]
+        return out
+
+
+def client_frames(c: socket.socket, n: int) -> list:
+    d, got = Decoder(), []
+    c.settimeout(5)
+    while len(got) < n:
+        data = c.recv(65536)
+        if not data:
+            break
+        got += d.feed(data)
+    return got
+
+
+def test_relay_multiplexes_clients_on_the_line_and_cleans_up(tmp_path: Path) -> None:
+    ours, theirs = socket.socketpair()
+    path = tmp_path / "lab@1.sock"
+    r = relay.Relay(ours, path)
+    r.start()
+    line = FakeLine(theirs)
+    try:
+        # before the lab's exec server said HELLO: refused, nothing written to the line
+        early = socket.socket(socket.AF_UNIX)
+        early.connect(str(path))
+        (t, ch, p), = client_frames(early, 1)
+        assert t is T.ERROR and "still being built" in jload(p)["message"]
+        early.close()
+        line.send(jframe(T.HELLO, 0, {"lab": "lab", "run": "ab12", "nodes": ["h1", "h2"]}))
+        deadline = time.monotonic() + 5
+        while r.hello is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        a, b = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
+        for c in (a, b):
+            c.connect(str(path))
+            (t, _, p), = client_frames(c, 1)
+            assert t is T.HELLO and jload(p)["nodes"] == ["h1", "h2"]
+        # both clients use channel 1; on the line they get channels of their own
+        a.sendall(jframe(T.OPEN, 1, {"node": "h1", "argv": ["true"]}))
+        (t, ch_a, _), = line.expect(1)
+        b.sendall(jframe(T.OPEN, 1, {"node": "h2", "argv": ["cat"]}) + frame(T.STDIN, 1, b"x"))
+        (t1, ch_b, _), (t2, ch_b2, data) = line.expect(2)
+        assert t1 is T.OPEN and t2 is T.STDIN and ch_b == ch_b2 != ch_a and data == b"x"
+        # answers go back to the right client, on its own channel number
+        line.send(frame(T.STDOUT, ch_b, b"for b") + jframe(T.EXIT, ch_a, {"code": 0}))
+        assert client_frames(a, 1) == [(T.EXIT, 1, b'{"code":0}')]
+        assert client_frames(b, 1) == [(T.STDOUT, 1, b"for b")]
+        # a client that goes away: its session is closed on the line (the lab kills its command)
+        b.close()
+        assert line.expect(1) == [(T.CLOSE, ch_b, b"")]
+        # the lab kernel ends: a connected client is told, the socket file goes
+        c = socket.socket(socket.AF_UNIX)
+        c.connect(str(path))
+        client_frames(c, 1)
+        c.sendall(jframe(T.OPEN, 1, {"node": "h1", "argv": ["sleep", "9"]}))
+        line.expect(1)
+        theirs.close()
+        (t, _, p), = client_frames(c, 1)
+        assert t is T.ERROR and "ended" in jload(p)["message"]
+        deadline = time.monotonic() + 5
+        while path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not path.exists()
+    finally:
+        r.stop()
+        theirs.close()
+    assert not path.exists()
