@@ -56,7 +56,8 @@ class Rib:
             return changed
         if isinstance(event, RoutesWithdrawn):
             p = self._peer(event.peer)
-            return any(p.routes.pop(prefix, None) is not None for prefix in list(event.prefixes))
+            removed = [p.routes.pop(prefix, None) for prefix in event.prefixes]  # all of them: not any()
+            return any(r is not None for r in removed)
         if isinstance(event, PeerUp):
             p = self._peer(event.peer)
             p.up, p.gr_time = True, event.gr_time

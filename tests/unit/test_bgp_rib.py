@@ -135,3 +135,11 @@ def test_eor_with_nothing_stale_changes_nothing_and_forget() -> None:
     assert rib.apply(EndOfRib("b"), 1) is False
     assert rib.peer_routes("b") == {P1: NH_B}
     assert rib.forget("b") is True and rib.routes() == {}
+
+
+def test_one_withdraw_of_many_prefixes_removes_all_of_them() -> None:
+    """An UPDATE withdrawing several prefixes at once removes every one (it removed only the first)."""
+    rib = Rib()
+    rib.apply(RoutesAnnounced("b", NH_B, (P1, P2, P3)), 0)
+    assert rib.apply(RoutesWithdrawn("b", (P1, P2, P3)), 0) is True
+    assert rib.routes() == {}
