@@ -3,10 +3,14 @@
 Loop: list (paged) -> `on_list(items)` -> watch from the list's resourceVersion -> `on_event(type, obj)`
 per event. The resourceVersion advances with every event and BOOKMARK, so a watch that ends (server
 timeout, dropped connection, API server restart) resumes from where it was without a relist. Only
-`410 Gone` (an HTTP status or an ERROR event; the history we need is compacted away) causes a relist.
-Errors never call `on_list`: losing the API server changes nothing until a list succeeds again. After
-an error the next attempt waits an exponential backoff with jitter; `stop()` wakes every wait and
-shuts the socket of an open request so the thread ends promptly.
+`410 Gone` (an HTTP status or an ERROR event; the history we need is compacted away) causes a relist:
+at once, unless the 410 came on the very first watch after a relist (a server that keeps expiring us),
+then after the backoff, which keeps growing across such cycles (a list's success does not reset it;
+only a watch that delivers events does). Errors never call `on_list`: losing the API server changes
+nothing until a list succeeds again. After an error the next attempt waits an exponential backoff with
+jitter; `stop()` wakes every wait and shuts the socket of an open request so the thread ends promptly.
+An unexpected exception (a bug) is logged with its traceback, counted, and retried like an error:
+the thread never dies and leaves its kind frozen.
 """
 
 from __future__ import annotations
@@ -88,7 +92,9 @@ class Reflector:
         self.resource_version: str | None = None  # where the next watch starts (None: relist first)
         self.failures = 0  # errors retried so far (for status and tests)
         self.lists = 0  # completed lists
-        self._gone_in_a_row = 0
+        self.crashes = 0  # unexpected exceptions survived
+        self.last_crash: str | None = None  # the last one, until the reflector works again
+        self._fresh = False  # the next watch is the first one after a relist
 
     # ---- stopping ---------------------------------------------------------------------------------
     def _track(self, resp: Any) -> None:
@@ -126,19 +132,32 @@ class Reflector:
             try:
                 if self.resource_version is None:
                     self.resource_version = self._list()
+                    self._fresh = True
                 self._watch()  # returns when the server ends the watch cleanly: resume at once
+                self._fresh = False
             except Gone as e:
-                log.info("%s: %s; relisting", self.kind, e)
                 self.resource_version = None
-                self._gone_in_a_row += 1
-                if self._gone_in_a_row > 1:  # 410 again right after a relist: don't hammer the server
-                    self._retry("410 Gone again")
+                if self._fresh:  # 410 on the first watch after a relist: don't hammer the server
+                    self._retry(f"{e} right after a relist")
+                else:
+                    log.info("%s: %s; relisting", self.kind, e)
             except ApiException as e:
+                self._fresh = False
                 if e.status == 404 and self._on_missing is not None:
                     self._on_missing()
                 self._retry(f"API error {e.status} {e.reason or ''}".strip())
             except (urllib3.exceptions.HTTPError, OSError, WatchError, ValueError) as e:
+                self._fresh = False
                 self._retry(f"{type(e).__name__}: {e}")
+            except Exception as e:  # noqa: BLE001 - a bug must not freeze this kind forever
+                self._fresh = False
+                self.crashes += 1
+                text = f"{type(e).__name__}: {e}"
+                if text != self.last_crash:
+                    log.exception("%s: unexpected error (retrying with backoff and a relist)", self.kind)
+                self.last_crash = text
+                self.resource_version = None
+                self._retry(text)
         log.debug("%s: reflector stopped", self.kind)
 
     def _retry(self, why: str) -> None:
@@ -176,7 +195,7 @@ class Reflector:
             if not cont:
                 self._on_list(items)
                 self.lists += 1
-                self._backoff.reset()
+                self.last_crash = None
                 return str(md.get("resourceVersion") or "")
 
     def _watch(self) -> None:
@@ -216,4 +235,4 @@ class Reflector:
             return
         if rv:
             self.resource_version = str(rv)
-        self._gone_in_a_row = 0  # the watch works: the next 410 relists at once
+        self._fresh = False  # the watch works: the next 410 relists at once
