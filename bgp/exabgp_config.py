@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Literal
@@ -34,7 +34,7 @@ class Neighbor:
     router_id: IPv4Address
     hold_time: int
     port: int = 179  # the peer's port we connect to
-    md5_password: str | None = None
+    md5_password: str | None = field(default=None, repr=False)  # never in logs or tracebacks
     passive: bool = False
     multihop: int | None = None  # outgoing TTL for multihop eBGP; None: ExaBGP default (1 for eBGP)
     graceful_restart_time: int = 120
@@ -151,8 +151,12 @@ def render(neighbors: list[Neighbor], socket_path: Path, python: str | None = No
     return "\n".join(out)
 
 
-def environment(run_dir: Path, log_level: str = "INFO") -> dict[str, str]:
-    """ExaBGP settings as env vars (exabgp.<section>.<option> written with underscores)."""
+LOG_BYTES = 1024 * 1024  # ExaBGP's own RotatingFileHandler: 1 MiB per file, 3 backups (4 MiB at most)
+
+
+def environment(run_dir: Path, log_level: str = "INFO", log_file: Path | None = None) -> dict[str, str]:
+    """ExaBGP settings as env vars (exabgp.<section>.<option> written with underscores). With `log_file`,
+    ExaBGP logs there through its rotating file handler (bounded size), else to stdout."""
     return {
         "exabgp_daemon_user": "root",  # else the relay runs as nobody and can't reach our socket
         "exabgp_daemon_daemonize": "false",
@@ -162,7 +166,7 @@ def environment(run_dir: Path, log_level: str = "INFO") -> dict[str, str]:
         "exabgp_api_encoder": "json",
         "exabgp_log_enable": "true",
         "exabgp_log_level": log_level,
-        "exabgp_log_destination": "stdout",
+        "exabgp_log_destination": str(Path(log_file).resolve()) if log_file is not None else "stdout",
         "exabgp_log_all": "false",
         "exabgp_log_packets": "false",
         "exabgp_log_parser": "false",

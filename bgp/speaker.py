@@ -1,14 +1,21 @@
 """Supervise ExaBGP as a child process and speak to it through the relay helper (asyncio).
 
-The Speaker owns `run_dir`: `exabgp.conf` (generated), `relay.sock` (our unix socket server, the relay
-connects to it) and `exabgp.log`. ExaBGP is started with PR_SET_PDEATHSIG=SIGKILL so it dies with us
-(SIGKILL, not SIGTERM: on SIGTERM ExaBGP sends a Cease NOTIFICATION and RFC 4724 peers then flush
-our routes at once; a plain TCP close lets them keep our routes for the graceful-restart time),
+The Speaker owns `run_dir` (mode 0700): `exabgp.conf` (generated, mode 0600: it holds MD5 passwords),
+`relay.sock` (our unix socket server, the relay connects to it, 0600), `exabgp.log` (ExaBGP's own
+rotating log: LOG_BYTES x (1 + LOG_BACKUPS) at most) and `exabgp.out` (its stdout/stderr, i.e. crash
+output; rotated at each start). ExaBGP is started through `setpriv --pdeathsig KILL` (or our own tiny
+exec wrapper, bgp.deathsig, where util-linux is missing) so it dies with us — never with a
+`preexec_fn`, which can deadlock in a multi-threaded parent (SIGKILL, not SIGTERM: on SIGTERM ExaBGP
+sends a Cease NOTIFICATION and RFC 4724 peers then flush our routes at once; a plain TCP close lets
+them keep our routes for the graceful-restart time),
 and restarted with backoff if it dies (sessions drop; peers keep our routes by graceful restart, the
 RIB keeps theirs: SpeakerRestarted). When the relay of a new ExaBGP connects, the whole desired set
 is announced (identical routes cause no UPDATE); when a neighbor comes up, the routes for it are
 replayed to it alone and followed by its own End-of-RIB (manual-eor is on, so ExaBGP never sends an
-empty End-of-RIB after a restart and peers keep our routes until then). A relay that reconnects to
+empty End-of-RIB after a restart and peers keep our routes until then). End-of-RIB is withheld until
+the agent says the announced set is final (`set_announcements(..., final=True)`: the desired state is
+known from a complete source): before that, a restarted agent's partial set only refreshes what peers
+kept, and nothing is flushed. A relay that reconnects to
 an ExaBGP that kept running (ExaBGP respawned its helper) means messages were lost: ExaBGP is then
 restarted, the one clean resync.
 
@@ -19,9 +26,9 @@ whose definition did not change (checked by tests/kernel/test_bgp_speaker.py).
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -32,32 +39,34 @@ from typing import Callable
 
 from bgp import exabgp_config
 from bgp.announce import Announcement, diff_commands
-from bgp.events import BgpEvent, PeerUp, SpeakerRestarted
+from bgp.events import BgpEvent, PeerDown, PeerUp, SpeakerRestarted
 from bgp.exabgp_config import Neighbor
 from bgp.messages import Ack, Notice, Unparsed, parse_line
 from bgp.sessions import SessionTracker
 
 log = logging.getLogger("bgp.speaker")
 
-PR_SET_PDEATHSIG = 1
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0  # a child that ran this long resets the backoff
 LINE_LIMIT = 64 * 1024 * 1024  # one UPDATE's JSON can be large
-LOG_ROTATE_BYTES = 16 * 1024 * 1024
+OUT_ROTATE_BYTES = 1024 * 1024  # exabgp.out (stdout/stderr: crash output) is rotated at a start beyond this
 
 
 class SpeakerError(RuntimeError):
     """The speaker can't run at all (missing ExaBGP, unusable run dir); the message names the setting."""
 
 
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
 def default_exabgp() -> str:
     return str(Path(sys.executable).parent / "exabgp")
+
+
+def die_with_parent_command(argv: list[str]) -> list[str]:
+    """`argv` run so that it gets SIGKILL when we die (PR_SET_PDEATHSIG set by an exec wrapper)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, "--pdeathsig", "KILL", "--", *argv]
+    return [sys.executable, "-m", "bgp.deathsig", *argv]
 
 
 class Speaker:
@@ -87,6 +96,8 @@ class Speaker:
         self._relay_tasks: set[asyncio.Task[None]] = set()
         self._ready = False  # this ExaBGP's relay has connected (so its signal handlers are installed)
         self._reload_pending = False
+        self._final = False  # the announced set is the agent's full desired state: End-of-RIB may go
+        self._eor_owed: set[IPv4Address] = set()  # established neighbors that got no End-of-RIB yet
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -95,7 +106,8 @@ class Speaker:
         if not (os.path.isfile(self.exabgp) and os.access(self.exabgp, os.X_OK)):
             raise SpeakerError(f"paths.exabgp: {self.exabgp!r} is not an executable file")
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.run_dir, 0o700)  # exabgp.conf holds MD5 passwords
         except OSError as e:
             raise SpeakerError(f"paths.runDir: cannot create {self.run_dir}: {e.strerror or e}") from None
         self.socket_path.unlink(missing_ok=True)
@@ -140,29 +152,33 @@ class Speaker:
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(exabgp_config.environment(self.run_dir))
+        env.update(exabgp_config.environment(self.run_dir, log_file=self.log_path))
         env.update(self.extra_env)
         return env
 
     def _write_config(self) -> None:
         text = exabgp_config.render(list(self._neighbors.values()), self.socket_path)
         tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text(text)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)  # an older file may have had other bits
+            f.write(text)
         tmp.replace(self.config_path)  # atomic: a reload never reads half a file
 
     async def _spawn(self) -> None:
-        try:  # keep one old log: ExaBGP's log would otherwise grow for the life of the node
-            if self.log_path.stat().st_size > LOG_ROTATE_BYTES:
-                self.log_path.replace(self.log_path.with_suffix(".log.1"))
+        out_path = self.run_dir / "exabgp.out"
+        try:  # stdout/stderr only carry crash output (the log has its own rotating file): keep it bounded
+            if out_path.stat().st_size > OUT_ROTATE_BYTES:
+                out_path.replace(out_path.with_suffix(".out.1"))
         except FileNotFoundError:
             pass
-        logf = open(self.log_path, "ab")
+        fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                self.exabgp, str(self.config_path), stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
-                env=self._env(), cwd=str(self.run_dir), preexec_fn=_die_with_parent)
+                *die_with_parent_command([self.exabgp, str(self.config_path)]), stdin=asyncio.subprocess.DEVNULL,
+                stdout=fd, stderr=fd, env=self._env(), cwd=str(self.run_dir))
         finally:
-            logf.close()
+            os.close(fd)
         self.starts += 1
         self._ready = False
         self._started_at = time.monotonic()
@@ -188,6 +204,7 @@ class Speaker:
                         else BACKOFF_START)
             self.errors.append(f"exabgp exited with {rc}")
             self._tracker.speaker_restarted(time.time())
+            self._eor_owed.clear()  # the sessions are gone; each gets its End-of-RIB when it is back
             self._emit([SpeakerRestarted()])
             if ran >= STABLE_AFTER:
                 delay = BACKOFF_START
@@ -230,8 +247,7 @@ class Speaker:
         # session up, and sessions that come up later get theirs on PeerUp.
         up = sorted(IPv4Address(s["address"]) for s in self._tracker.status().values()
                     if s["state"] == "established")
-        self._send(diff_commands({}, self._announced, self._addresses())
-                   + [f"neighbor {a} announce eor ipv4 unicast" for a in up])
+        self._send(diff_commands({}, self._announced, self._addresses()) + self._eor(up))
         try:
             while True:
                 try:
@@ -277,8 +293,18 @@ class Speaker:
                 addr = ev.address
                 only = frozenset(n for n, nb in self._neighbors.items() if nb.peer_address == addr)
                 cmds = diff_commands({}, self._announced, self._addresses(), only=only) if only else []
-                self._send(cmds + [f"neighbor {addr} announce eor ipv4 unicast"])
+                self._send(cmds + self._eor([addr]))
+            elif isinstance(ev, PeerDown):
+                self._eor_owed.discard(ev.address)
         self._emit(events)
+
+    def _eor(self, addresses: list[IPv4Address]) -> list[str]:
+        """End-of-RIB commands for these neighbors, or none (remembered as owed) until the set is final."""
+        if not self._final:
+            self._eor_owed.update(addresses)
+            return []
+        self._eor_owed.difference_update(addresses)
+        return [f"neighbor {a} announce eor ipv4 unicast" for a in addresses]
 
     def _emit(self, events: list[BgpEvent]) -> None:
         for ev in events:
@@ -335,11 +361,16 @@ class Speaker:
         self._reload_pending = False
         self._proc.send_signal(signal.SIGUSR1)
 
-    async def set_announcements(self, desired: dict[IPv4Network, Announcement]) -> None:
-        """Announce `desired` (replacing what was announced): only the difference is sent."""
+    async def set_announcements(self, desired: dict[IPv4Network, Announcement], *, final: bool = True) -> None:
+        """Announce `desired` (replacing what was announced): only the difference is sent. `final`: this
+        is the whole desired state (End-of-RIB may follow); once final, always final."""
         desired = dict(desired)
         commands = diff_commands(self._announced, desired, self._addresses())
         self._announced = desired
+        if final and not self._final:
+            self._final = True
+            live = {IPv4Address(s["address"]) for s in self._tracker.status().values() if s["state"] == "established"}
+            commands += self._eor(sorted(self._eor_owed & live))
         self._send(commands)
         await self._drain()
 
@@ -350,6 +381,7 @@ class Speaker:
             "relay_connected": self._writer is not None,
             "pending_acks": self._pending_acks,
             "announced": len(self._announced),
+            "endOfRib": "sent" if self._final else f"withheld until the desired state is known ({len(self._eor_owed)} owed)",
             "recent_errors": list(self.errors)[-10:],
             "neighbors": self._tracker.status(),
         }
