@@ -56,7 +56,15 @@ def inner(args: argparse.Namespace) -> int:
     from bgp.events import RoutesAnnounced, RoutesWithdrawn
     from bgp.rib import Rib
     from fabric.route_state import RouteState, make_inputs
-    from ipip.model import desired_routes, diff_routes
+    from ipip.model import desired_routes
+    from ipip.reconcile import RouteReconciler
+
+    def diff_routes(desired: dict, actual: dict):
+        """The reconciler's operations for a full desired set against what we own (by route key)."""
+        rec = RouteReconciler()
+        rec.set_dataplane({r.id: r for r in actual.values()}, {})
+        rec.set_desired({r.id: r for r in desired.values()})
+        return rec.plan(0.0)
 
     A = ipaddress.IPv4Address
     pools = [Pool(cidr=ipaddress.IPv4Network(POOL), ipip_mode=IPIPMode.CROSS_SUBNET)]
@@ -68,8 +76,9 @@ def inner(args: argparse.Namespace) -> int:
         return {p: {(PEERS[(i + shift) % 4][0], A(PEERS[(i + shift) % 4][1]))} for i, p in enumerate(prefixes(n))}
 
     rk = RouteKernel(proto=PROTO, table=TABLE, tunnel_device=TUNNEL)
+    rk.create_tunnel()
     view = rk.read(A(NODE_IP))
-    view = rk.ensure_tunnel(1480, view)
+    rk.set_link(view.tunnel.index, mtu=1480, up=True)
     ifindex = view.ifindex
 
     def shown() -> list[str]:
@@ -86,9 +95,9 @@ def inner(args: argparse.Namespace) -> int:
         t2 = time.perf_counter()
         plan = desired_routes(facts=v.facts, pools=pools, local_pod_cidrs=[], learned=acc, tunnel_device=TUNNEL)
         t3 = time.perf_counter()
-        diff = diff_routes(plan.routes, v.owned)
+        diff = diff_routes(plan.routes, {r.dst: r for r in v.owned.values()})
         t4 = time.perf_counter()
-        errs = rk.apply(diff, ifindex)
+        errs = rk.apply(diff.ops(), ifindex)
         t5 = time.perf_counter()
         assert not errs, errs[:3]
         return {"dump": t1 - t0, "filter": t2 - t1, "model": t3 - t2, "diff": t4 - t3, "apply": t5 - t4,
@@ -165,7 +174,7 @@ def inner(args: argparse.Namespace) -> int:
         cur = learned_for(size)
         our_sync(cur)
         owned = rk.read(A(NODE_IP))
-        facts, actual = owned.facts, dict(owned.owned)
+        facts, actual = owned.facts, {r.dst: r for r in owned.owned.values()}
         steps: dict[str, list[float]] = {"filter": [], "model": [], "diff": [], "apply": [], "ip": [], "inc": []}
         # The agent's per-change path: a RIB + RouteState updated for the touched prefix only.
         rib = Rib()
@@ -177,6 +186,9 @@ def inner(args: argparse.Namespace) -> int:
         inputs = make_inputs(facts=facts, pools=pools, pod_cidrs=[], nodes={}, kinds=kinds, ibgp=[],
                              tunnel_device=TUNNEL, per_peer_limits=False)
         state.update(inputs, {}, dirty=None, all_routes=rib.routes, holders=rib.holders)
+        rec = RouteReconciler()
+        rec.set_dataplane({r.id: r for r in actual.values()}, {})
+        rec.set_desired({r.id: r for r in state.routes.values()})
         for c in range(args.changes):
             i = (c * 7919) % size
             p = prefixes(size)[i]
@@ -188,10 +200,11 @@ def inner(args: argparse.Namespace) -> int:
             rib.apply(RoutesAnnounced(new[0], A(new[1]), (p,)), 0.0)
             rib.apply(RoutesWithdrawn(peer, (p,)), 0.0)
             touched, _ = state.update(inputs, {}, dirty={p}, all_routes=rib.routes, holders=rib.holders)
-            inc_diff = diff_routes({q: state.routes[q] for q in touched if q in state.routes},
-                                   {q: actual[q] for q in touched if q in actual})
+            rec.update_desired({state.routes[q].id: state.routes[q] for q in touched if q in state.routes})
+            inc_diff = rec.plan(0.0)
             steps["inc"].append(time.perf_counter() - ti)
-            assert len(inc_diff.replace) == 1 and inc_diff.replace[0].nexthops[0].gateway == A(new[1]), inc_diff
+            assert len(inc_diff.write) == 1 and inc_diff.write[0][1].nexthops[0].gateway == A(new[1]), inc_diff
+            rec.record(inc_diff, [], 0.0)
             t0 = time.perf_counter()
             acc, _ = ImportFilter(cfg).filter(cur, kinds, {}, [])
             t1 = time.perf_counter()
@@ -199,10 +212,10 @@ def inner(args: argparse.Namespace) -> int:
             t2 = time.perf_counter()
             diff = diff_routes(plan.routes, actual)
             t3 = time.perf_counter()
-            errs = rk.apply(diff, ifindex)
+            errs = rk.apply(diff.ops(), ifindex)
             t4 = time.perf_counter()
-            assert not errs and len(diff.replace) == 1 and not diff.delete, (errs, diff)
-            for r in diff.replace:
+            assert not errs and len(diff.write) == 1 and not diff.delete, (errs, diff)
+            for _, r in diff.write:
                 actual[r.dst] = r
             # the same one change through `ip route replace` (one process), for scale
             dev = "eth1" if new[2] else f"{TUNNEL} onlink"
@@ -229,7 +242,7 @@ def inner(args: argparse.Namespace) -> int:
     first, last = meds[sizes[0]], meds[sizes[-1]]
     pf = first["filter"] + first["model"] + first["diff"]
     pl = last["filter"] + last["model"] + last["diff"]
-    print("  (netlink* = the same RouteWriter write in a small separate process, 200 writes: no model heap;"
+    print("  (netlink* = the same RouteKernel write in a small separate process, 200 writes: no model heap;"
           " ip route = one `ip route replace` process)")
     print(f"  {sizes[-1]} vs {sizes[0]} routes: kernel write {last['apply'] / first['apply']:.2f}x "
           f"(small process {last['small'] / first['small']:.2f}x), "
@@ -241,11 +254,11 @@ def inner(args: argparse.Namespace) -> int:
 
 def one_write(size: int, count: int = 200) -> int:
     """Median of `count` single-route writes in a small process (no model heap) with `size` routes present."""
+    from ipip.kernel import RouteKernel
     from ipip.model import NextHop, Route
-    from ipip.netlink_batch import RouteWriter
 
     ifindex = {"eth1": int(Path("/sys/class/net/eth1/ifindex").read_text())}
-    w = RouteWriter(PROTO, TABLE)
+    w = RouteKernel(proto=PROTO, table=TABLE, tunnel_device=TUNNEL)
     times = []
     for c in range(count):
         r = Route(prefixes(size)[(c * 7919) % size], "unicast",

@@ -3,7 +3,9 @@
 
 Mesh peers (other nodes) may only give us pod routes: prefixes inside an enabled pool, never one of
 our own pod CIDRs, never a prefix that covers a node address (that would hijack the underlay), never
-a default route. External peers go through their `PrefixFilter` (allow/deny/maxLength) and
+a default route. External peers go through the same node checks — no default route, nothing inside
+the node's own subnet, nothing covering a node address — unless the peer opts in
+(`allow_default` / `allow_node_networks`), then their `PrefixFilter` (allow/deny/maxLength) and
 `maxPrefixes`.
 
 maxPrefixes choice: the session is kept; prefixes beyond the limit are rejected (reason
@@ -116,10 +118,25 @@ class ExternalImportPolicy:
     prefix_filter: PrefixFilter | None
     max_prefixes: int | None = None
     node_addresses: tuple[IPv4Address, ...] = ()
+    node_networks: tuple[IPv4Network, ...] = ()  # this node's own subnet(s)
+    allow_default: bool = False
+    allow_node_networks: bool = False
+    _node_ints: list[int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_node_ints", sorted({int(a) for a in self.node_addresses}))
 
     def check(self, prefix: IPv4Network) -> str | None:
-        if prefix.prefixlen == 32 and prefix.network_address in self.node_addresses:
-            return f"is node address {prefix.network_address}"
+        if prefix.prefixlen == 0 and not self.allow_default:
+            return "default route (the node's own default route comes first; set import.allowDefaultRoute to " \
+                   "install it behind the node's own)"
+        if not self.allow_node_networks and prefix.prefixlen > 0:
+            for net in self.node_networks:
+                if prefix.subnet_of(net):
+                    return f"inside the node's own subnet {net} (set import.allowNodeNetworks to accept it)"
+            addr = _covered(self._node_ints, prefix)
+            if addr is not None:
+                return f"covers node address {addr} (set import.allowNodeNetworks to accept it)"
         return filter_verdict(self.prefix_filter, prefix)
 
     def filter(self, prefixes: Iterable[IPv4Network], held: Iterable[IPv4Network] = ()

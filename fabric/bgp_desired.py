@@ -10,12 +10,14 @@ that peer from the targets of every prefix it does not pass: what it denies is n
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from bgp.exabgp_config import Neighbor
 from bgp.policy import filter_verdict
 from fabric.config import AgentConfig, Peer
 from fabric.inputs import NodeInfo
+from ipip.model import PeerRouting
 from loadbalancer.model import slice_service_key
 
 
@@ -40,8 +42,11 @@ def local_pod_cidrs(cfg: AgentConfig, me: NodeInfo | None) -> list[ipaddress.IPv
     return list(me.pod_cidrs) if me is not None else []
 
 
-def desired_neighbors(cfg: AgentConfig, nodes: dict[str, NodeInfo]) -> tuple[list[Neighbor], list[str]]:
-    """Neighbors for this node and the problems found (a bad peer is skipped, never fatal)."""
+def desired_neighbors(cfg: AgentConfig, nodes: dict[str, NodeInfo], previous: Iterable[str] = ()
+                      ) -> tuple[list[Neighbor], list[str]]:
+    """Neighbors for this node and the problems found. Every item is judged alone: a bad node or peer
+    is skipped with a reason, the rest is used. Two nodes with one address: the one already a neighbor
+    (`previous`) keeps it, else the first by name; the other is skipped."""
     me_addr = cfg.node.address.ip
     local_as = cfg.node.asn or cfg.cluster.asn
     t = cfg.timers
@@ -49,9 +54,19 @@ def desired_neighbors(cfg: AgentConfig, nodes: dict[str, NodeInfo]) -> tuple[lis
     problems: list[str] = []
     mesh_addrs: set[ipaddress.IPv4Address] = set()
     if cfg.cluster.mesh:
+        prev = set(previous)
+        owner: dict[ipaddress.IPv4Address, str] = {}
+        for name in sorted(nodes, key=lambda n: (n not in prev, n)):
+            owner.setdefault(nodes[name].address, name)
         for name in sorted(nodes):
             n = nodes[name]
             if name == cfg.node.name or n.address == me_addr:
+                if name != cfg.node.name:
+                    problems.append(f"Node/{name}: address {n.address} is this node's own; skipped")
+                continue
+            if owner[n.address] != name:
+                problems.append(f"Node/{name}: address {n.address} is also node {owner[n.address]}'s; skipped "
+                                "(one of them is wrong)")
                 continue
             mesh_addrs.add(n.address)
             out.append(Neighbor(name=name, peer_address=n.address, peer_as=n.asn or cfg.cluster.asn,
@@ -73,7 +88,27 @@ def desired_neighbors(cfg: AgentConfig, nodes: dict[str, NodeInfo]) -> tuple[lis
             problems.append(f"peer {p.name}: name clashes with a node name; skipped")
             continue
         out.append(_external(p, cfg, local_as, me_addr))
-    return out, problems
+    good: list[Neighbor] = []
+    for nb in out:
+        bad = nb.problems()
+        if bad:
+            problems += [f"{b}; skipped" for b in bad]
+        else:
+            good.append(nb)
+    return good, problems
+
+
+def peer_routing(cfg: AgentConfig, neighbors: Iterable[Neighbor]) -> dict[str, PeerRouting]:
+    """How each external neighbor's routes are installed (its address and next-hop policy)."""
+    local_as = cfg.node.asn or cfg.cluster.asn
+    peers = {p.name: p for p in cfg.peers}
+    out = {}
+    for n in neighbors:
+        if n.kind != "external":
+            continue
+        p = peers.get(n.name)
+        out[n.name] = PeerRouting(n.peer_address, p.next_hop_policy(local_as) if p else "any")
+    return out
 
 
 def _external(p: Peer, cfg: AgentConfig, local_as: int, me_addr: ipaddress.IPv4Address) -> Neighbor:

@@ -134,6 +134,19 @@ class PrefixFilter(Model):
     max_length: int | None = Field(default=None, ge=0, le=32)
 
 
+class ImportFilter(PrefixFilter):
+    """A peer's import filter. Whatever allow says, a default route and prefixes inside the node's own
+    subnet or covering a node address are refused unless opted in here (they would take over the
+    node's own routing); an opted-in route is installed at dataplane.externalRouteMetric, so the node's
+    own default / connected routes still win."""
+
+    allow_default_route: bool = False
+    allow_node_networks: bool = False
+
+
+NextHopPolicy = Literal["connected", "peer", "any"]
+
+
 class Peer(Model):
     """An external BGP peer (a ToR router, a route reflector)."""
 
@@ -141,15 +154,24 @@ class Peer(Model):
     address: Address
     asn: ASN
     port: int = Field(default=179, ge=1, le=65535)
-    password: str | None = Field(default=None, min_length=1, max_length=80)
+    password: str | None = Field(default=None, min_length=1, max_length=80, repr=False)
     multihop: int | None = Field(default=None, ge=1, le=255)
     source_address: Address | None = None
     passive: bool = False
     route_reflector_client: bool = False
     max_prefixes: int | None = Field(default=None, ge=1)
-    import_filter: PrefixFilter | None = Field(default=None, alias="import")
+    # Which next hops are used (FRR's checks): connected = on a connected network (default for
+    # single-hop eBGP), peer = only the peer's own address, any = resolved through the underlay's
+    # routes (default for iBGP and multihop eBGP).
+    next_hop: NextHopPolicy | None = None
+    import_filter: ImportFilter | None = Field(default=None, alias="import")
     export_filter: PrefixFilter | None = Field(default=None, alias="export")
     node_selector: dict[str, str] = Field(default_factory=dict)
+
+    def next_hop_policy(self, local_as: int) -> NextHopPolicy:
+        if self.next_hop is not None:
+            return self.next_hop
+        return "connected" if self.asn != local_as and self.multihop is None else "any"
 
 
 class Advertise(Model):
@@ -224,10 +246,15 @@ class Dataplane(Model):
     route_table: int = Field(default=254, ge=1, le=4294967295)
     tunnel_device: str = Field(default="tunl0", max_length=15)
     underlay_mtu: int | None = Field(default=None, ge=576, le=65535)  # default: read from the device
+    # Metric of routes learned from external peers outside every pool: higher than the node's own
+    # routes (0 for static/connected, 100/600 NetworkManager, 1024 networkd), so those always win.
+    external_route_metric: int = Field(default=4096, ge=1, le=4294967295)
 
 
 class Health(Model):
     listen: str | None = Field(default="0.0.0.0:9099", pattern=r"^[0-9.]*:[0-9]{1,5}$")  # /healthz, /readyz; null: off
+    # /healthz fails while a stage's run has gone on longer than this (and until one of its runs succeeds)
+    stage_timeout: float = Field(default=20.0, gt=0, le=3600)
 
 
 class AgentConfig(Model):
@@ -257,6 +284,12 @@ class AgentConfig(Model):
             for b in cidrs[i + 1:]:
                 if a.overlaps(b):
                     problems.append(f"pools: {a} overlaps {b}")
+        enabled = [p.cidr for p in self.pools if not p.disabled]
+        if self.pools:
+            for c in self.node.pod_cidrs:
+                if not any(c.subnet_of(e) for e in enabled):
+                    problems.append(f"node.podCIDRs: {c} is outside every enabled pool (other nodes would "
+                                    "refuse the route)")
         if problems:
             raise ValueError("; ".join(problems))
         return self

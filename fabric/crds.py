@@ -17,7 +17,9 @@ the file, and then all of them together by `AgentConfig` (duplicate peers, overl
 
 A bad object gives a `Problem` (`Kind/name: field: reason`, fields as written in the object) and the
 LAST GOOD version of that object stays in effect (none if it never was good). `CrdConfig` keeps those
-versions between calls.
+versions between calls, and hands the raw good objects out (`good_objects()`) so the agent can persist
+them: `seed()` restores them after a restart, so a bad object met at start still has its last good
+version (an IPPool with host bits at restart must not empty the pools and remove every pod route).
 
 BGPPeer `spec.nodeSelector` syntax (which nodes peer with it; label equality only):
   empty / absent / `all()`                      every node
@@ -166,7 +168,7 @@ def _bgp_configuration(obj: Mapping[str, Any], base: AgentConfig) -> _Configurat
 
 
 _PEER_SPEC = {"peerIP", "asNumber", "port", "password", "nodeSelector", "multihop", "import", "export",
-              "maxPrefixes", "routeReflectorClient", "passive", "sourceAddress"}
+              "maxPrefixes", "routeReflectorClient", "passive", "sourceAddress", "nextHop"}
 _PEER_FIELDS = {"name": "metadata.name", "address": "spec.peerIP", "asn": "spec.asNumber",
                 "multihop": "spec.multihop.ttl", "password": "spec.password.secretKeyRef"}
 
@@ -262,6 +264,37 @@ class CrdConfig:
 
     def __init__(self) -> None:
         self._good: dict[tuple[str, str], Any] = {}
+        self._good_raw: dict[tuple[str, str], Mapping[str, Any]] = {}
+
+    def seed(self, base: AgentConfig, objects: Mapping[str, Mapping[str, Mapping[str, Any]]],
+             secret: SecretReader | None = None) -> list[str]:
+        """Last good objects of a previous run (kind -> name -> object): each that still parses becomes
+        the last good version of its object. Returns the ones that did not (reasons)."""
+        bad = []
+        for kind, objs in objects.items():
+            for name, obj in objs.items():
+                try:
+                    if kind == "IPPool":
+                        value = _ip_pool(obj)
+                    elif kind == "BGPPeer":
+                        value = _bgp_peer(obj, name, secret)
+                    elif kind == "BGPConfiguration":
+                        value = _bgp_configuration(obj, base)
+                    else:
+                        continue
+                except _Invalid as e:
+                    bad.append(f"{kind}/{name}: {e}")
+                    continue
+                self._good[(kind, name)] = value
+                self._good_raw[(kind, name)] = obj
+        return bad
+
+    def good_objects(self) -> dict[str, dict[str, Mapping[str, Any]]]:
+        """The raw objects whose last version in effect is good: kind -> name -> object."""
+        out: dict[str, dict[str, Mapping[str, Any]]] = {k: {} for k in KINDS}
+        for (kind, name), obj in self._good_raw.items():
+            out[kind][name] = obj
+        return out
 
     def effective(self, base: AgentConfig, objects: Mapping[str, Mapping[str, Mapping[str, Any]]],
                   secret: SecretReader | None = None) -> tuple[AgentConfig, list[Problem]]:
@@ -280,6 +313,7 @@ class CrdConfig:
                 problems.extend(Problem(kind, name, f, r + suffix, obj) for f, r in e.problems)
                 return kept
             self._good[(kind, name)] = value
+            self._good_raw[(kind, name)] = obj
             return value
 
         # BGPConfiguration
@@ -324,6 +358,7 @@ class CrdConfig:
         # Objects that are gone lose their last good version.
         for k in [k for k in self._good if k not in seen]:
             del self._good[k]
+            self._good_raw.pop(k, None)
 
         fields = {name: getattr(base, name) for name in AgentConfig.model_fields}
         fields.update(pools=pools, peers=peers)

@@ -30,13 +30,16 @@ class ImportFilter:
     def filter(self, routes: Mapping[ipaddress.IPv4Network, Iterable[tuple[str, ipaddress.IPv4Address]]],
                kinds: Mapping[str, str], nodes: Mapping[str, NodeInfo],
                own_pod_cidrs: Iterable[ipaddress.IPv4Network],
-               ibgp: Iterable[str] = (), only: set[ipaddress.IPv4Network] | None = None) -> tuple[Learned, list[str]]:
+               ibgp: Iterable[str] = (), only: set[ipaddress.IPv4Network] | None = None,
+               node_networks: Iterable[ipaddress.IPv4Network] = ()) -> tuple[Learned, list[str]]:
         """Accepted routes, and the rejections not logged before ("peer P: prefix: reason").
-        `kinds`: neighbor name -> "mesh" | "external"; `ibgp`: external neighbors in our own ASN.
+        `kinds`: neighbor name -> "mesh" | "external"; `ibgp`: external neighbors in our own ASN;
+        `node_networks`: this node's own subnet(s), refused from external peers that did not opt in.
         `only`: `routes` holds just these prefixes (a per-change update): the active rejections of
         other prefixes are kept. Not for peers with maxPrefixes (that needs the peer's whole set)."""
         node_addrs = tuple(sorted({n.address for n in nodes.values()} | {self.cfg.node.address.ip}))
         mesh = MeshImportPolicy(tuple(self.cfg.pools), tuple(own_pod_cidrs), node_addrs)
+        nets = tuple(node_networks)
         peers_cfg = {p.name: p for p in self.cfg.peers}
         by_peer: dict[str, dict[ipaddress.IPv4Network, ipaddress.IPv4Address]] = defaultdict(dict)
         for prefix, holders in routes.items():
@@ -62,8 +65,10 @@ class ImportFilter:
                     accepted, rejected = [], [Rejection(p, "pod CIDR from an eBGP peer (our own routes coming "
                                                            "back; pod routes come from the cluster)") for p in pods]
                 pc = peers_cfg.get(peer)
-                policy = ExternalImportPolicy(pc.import_filter if pc else None, pc.max_prefixes if pc else None,
-                                              node_addrs)
+                imp = pc.import_filter if pc else None
+                policy = ExternalImportPolicy(imp, pc.max_prefixes if pc else None, node_addrs, nets,
+                                              allow_default=bool(imp and imp.allow_default_route),
+                                              allow_node_networks=bool(imp and imp.allow_node_networks))
                 acc2, rej2 = policy.filter(other)
                 accepted, rejected = accepted + acc2, rejected + rej2
             for p in accepted:

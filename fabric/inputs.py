@@ -1,11 +1,10 @@
-"""Cluster state as the sources deliver it: nodes, services, endpoint slices (Kubernetes shapes).
+"""Cluster objects as the sources record them (both the file source and the Kubernetes source).
 
-Both the file source (labs) and the Kubernetes source produce a `ClusterState`. Nodes are parsed
-strictly here; Services and EndpointSlices stay raw dicts so the service model can skip a bad
-object with a reason while programming every good one. Pods and Namespaces are reduced to what
-NetworkPolicy needs (`PodInfo`, `NamespaceInfo`, built by fabric.sources.k8s_convert), so a status
-update that changes nothing of it is no change; NetworkPolicies stay raw dicts (fabric.policy.model
-validates them and skips a bad one with a reason).
+Nodes are parsed strictly into `NodeInfo` here; Services, EndpointSlices and the custom resources
+stay raw dicts so each consumer can skip a bad object with a reason while using every good one.
+Pods and Namespaces are reduced to what NetworkPolicy needs (`PodInfo`, `NamespaceInfo`, built by
+fabric.sources.k8s_convert), so a status update that changes nothing of it is no change;
+NetworkPolicies stay raw dicts (fabric.policy.model validates them and skips a bad one with a reason).
 """
 
 from __future__ import annotations
@@ -13,8 +12,6 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
 from pydantic import Field
 
 from fabric.config import CIDR, Address, ASN, Model
@@ -62,24 +59,6 @@ class PodInfo:
 class NamespaceInfo:
     name: str
     labels: Mapping[str, str] = field(default_factory=dict)
-
-
-class ClusterState(Model):
-    nodes: list[NodeInfo] = Field(default_factory=list)
-    services: list[dict[str, Any]] = Field(default_factory=list)
-    endpoint_slices: list[dict[str, Any]] = Field(default_factory=list, alias="endpointSlices")
-    # The BGP custom resources, in their Kubernetes shape (metadata + spec), as the Kubernetes source
-    # delivers them: the file source lets a lab change pools/peers cluster-wide without restarts.
-    ip_pools: list[dict[str, Any]] = Field(default_factory=list, alias="ipPools")
-    bgp_peers: list[dict[str, Any]] = Field(default_factory=list, alias="bgpPeers")
-    bgp_configurations: list[dict[str, Any]] = Field(default_factory=list, alias="bgpConfigurations")
-    # NetworkPolicy inputs, Kubernetes shapes (a Pod needs metadata, spec.nodeName and status.podIP(s)).
-    pods: list[dict[str, Any]] = Field(default_factory=list)
-    namespaces: list[dict[str, Any]] = Field(default_factory=list)
-    network_policies: list[dict[str, Any]] = Field(default_factory=list, alias="networkPolicies")
-
-    def node(self, name: str) -> NodeInfo | None:
-        return next((n for n in self.nodes if n.name == name), None)
 
 
 def node_address_in(n: NodeInfo, net: ipaddress.IPv4Network) -> bool:

@@ -1,25 +1,36 @@
-"""`fabric plan` and `fabric explain`: the pure model over the same inputs the agent uses.
+"""`fabric plan` and `fabric explain`: the agent's own routes stage, run once without writing.
 
-Inputs: the config, the cluster file (file source), the routes a running agent learned over BGP (its
-status file), and the kernel's facts and our routes in this network namespace. Nothing is written.
+Inputs are the agent's: the config, the cluster objects from the configured source (the cluster file,
+or one complete list from the Kubernetes API), the last-good objects the running agent persisted, the
+routes the running agent learned over BGP (its status file), and the kernel of this network namespace.
+The desired routes and the operations come from the same code the agent runs (fabric.stages.routes:
+RouteState + ipip.reconcile.RouteReconciler), so on a converged node the plan is empty. Nothing is written.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fabric import status as status_mod
+from bgp.events import RoutesAnnounced
+from fabric import lastgood, status as status_mod
 from fabric.bgp_desired import desired_announcements, desired_neighbors, local_pod_cidrs
-from fabric.config import AgentConfig
-from fabric.import_policy import ImportFilter
-from fabric.inputs import NodeInfo
+from fabric.config import AgentConfig, ConfigError
 from fabric.effective import EffectiveConfig
-from fabric.sources.file import load_into, parse_cluster_file
-from fabric.tracker import Store
-from ipip.kernel import RouteKernel
-from ipip.model import RouteDiff, RoutePlan, desired_routes, diff_routes, same_subnet_network
+from fabric.import_policy import ImportFilter
+from fabric.lifecycle import Lifecycle, Phase
+from fabric.shared_rib import SharedRib
+from fabric.stage import StageInput
+from fabric.stages.routes import RoutesStage
+from fabric.tracker import Changes, Store
+from ipip.kernel import FactsError, RouteKernel
+from ipip.reconcile import RouteOps
+
+SOURCE_TIMEOUT = 30.0  # seconds to wait for one complete list from the Kubernetes API
 
 
 def _learned_from_status(run_dir: Path) -> tuple[dict, str]:
@@ -32,64 +43,117 @@ def _learned_from_status(run_dir: Path) -> tuple[dict, str]:
     return learned, f"learned routes from the running agent's status ({len(learned)} prefixes)"
 
 
+def _load_source(cfg: AgentConfig, base: Path, store: Store) -> tuple[list[str], Any]:
+    """Fill `store` from the configured source once. Returns (notes, kubernetes source or None)."""
+    if cfg.source.kind == "file":
+        from fabric.sources.file import FileSource
+
+        src_path = Path(cfg.source.path)
+        fs = FileSource(store, src_path if src_path.is_absolute() else base / src_path)
+        if not fs.reload():
+            raise ConfigError([p.split(": ", 1)[-1] for p in fs.problems], str(fs.path))
+        return list(fs.problems), None
+    from fabric.sources.kubernetes import KubernetesSource
+
+    changed = threading.Event()
+    store.set_on_change(lambda kind: changed.set())
+    ks = KubernetesSource(store, cfg.source)
+    ks.start()
+    deadline = time.monotonic() + SOURCE_TIMEOUT
+    try:
+        while not ks.synced():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise FactsError(f"no complete list from the Kubernetes API within {SOURCE_TIMEOUT:g}s")
+            changed.wait(left)
+            changed.clear()
+    finally:
+        ks.stop()
+    return list(ks.problems), ks
+
+
+@dataclass
+class _Shim:
+    """The slice of the agent the routes stage reads."""
+
+    cfg: AgentConfig
+    store: Store
+    rib: SharedRib
+    neighbors: list = field(default_factory=list)
+    lifecycle: Lifecycle = field(default_factory=lambda: Lifecycle(0, Phase.RUNNING))
+
+
 def compute(cfg: AgentConfig, config_path: Path) -> dict[str, Any]:
     base = config_path.resolve().parent
-    nodes: dict[str, NodeInfo] = {}
-    notes: list[str] = []
-    if cfg.source.kind == "file":
-        src = Path(cfg.source.path)
-        state = parse_cluster_file(src if src.is_absolute() else base / src)
-        nodes = {n.name: n for n in state.nodes}
-        store = Store()
-        load_into(store, state)
-        cfg, problems = EffectiveConfig(cfg).from_store(store)  # the same overlay the agent applies
-        notes += problems
-    else:
-        notes.append("source is kubernetes: nodes are taken from the running agent's learned routes only")
     run_dir = Path(cfg.paths.run_dir)
     run_dir = run_dir if run_dir.is_absolute() else base / run_dir
+    store = Store(default_consumer=False)
+    notes, ks = _load_source(cfg, base, store)
+    remembered = lastgood.load(run_dir)
+    if remembered.get("Node"):
+        store.remember("Node", remembered["Node"])
+    effective = EffectiveConfig(cfg, secret=ks.read_secret if ks is not None else None)
+    effective.seed(remembered)
+    cfg, problems = effective.from_store(store)  # the same overlay the agent applies
+    notes += problems
     learned_raw, note = _learned_from_status(run_dir)
     notes.append(note)
-    me = nodes.get(cfg.node.name)
-    pods = local_pod_cidrs(cfg, me)
-    neighbors, problems = desired_neighbors(cfg, nodes)
+    rib = SharedRib()
+    for prefix, holders in learned_raw.items():
+        for peer, nh in holders:
+            rib.apply(RoutesAnnounced(peer, nh, (prefix,)), 0.0)
+    nodes = store.snapshot("Node")
+    neighbors, nprob = desired_neighbors(cfg, nodes)
+    shim = _Shim(cfg, store, rib, neighbors)
+    dp = cfg.dataplane
+    stage = RoutesStage(shim, lambda c: RouteKernel(proto=dp.route_protocol, table=dp.route_table,
+                                                    tunnel_device=dp.tunnel_device), sysctls=False)
+    inp = StageInput(Changes(), True, time.monotonic(), True)
+    try:
+        out = stage.reconcile(inp, stage.prepare(inp))
+    finally:
+        stage.close()
+    if isinstance(out, str):
+        raise FactsError(out)
+    ops: RouteOps = stage.rec.plan(inp.now)
+    routes = stage.routes_snapshot()
+    view = stage.view
+    assert view is not None and view.facts is not None
+    pods = local_pod_cidrs(cfg, nodes.get(cfg.node.name))
     kinds = {n.name: n.kind for n in neighbors}
     ibgp = [n.name for n in neighbors if n.kind == "external" and n.peer_as == n.local_as]
-    learned, _ = ImportFilter(cfg).filter(learned_raw, kinds, nodes, pods, ibgp)
-    dp = cfg.dataplane
-    rk = RouteKernel(proto=dp.route_protocol, table=dp.route_table, tunnel_device=dp.tunnel_device)
-    try:
-        view = rk.read(cfg.node.address.ip, dp.underlay_mtu, cfg.node.interface)
-    finally:
-        rk.close()
-    net, warn = same_subnet_network(view.kernel_prefix, cfg.node.address)
-    facts = type(view.facts)(view.facts.address, net, view.facts.device, view.facts.mtu, view.facts.routes)
-    plan = desired_routes(facts=facts, pools=list(cfg.pools), local_pod_cidrs=pods, learned=learned,
-                          tunnel_device=dp.tunnel_device)
-    return {"plan": plan, "diff": diff_routes(plan.routes, view.owned), "neighbors": neighbors,
-            "announcements": desired_announcements(cfg, pods, neighbors), "learned_raw": learned_raw,
-            "learned": learned, "facts": facts, "notes": notes + ([warn] if warn else []) + problems}
+    learned, _ = ImportFilter(cfg).filter(learned_raw, kinds, nodes, pods, ibgp, node_networks=(view.facts.network,))
+    assert stage.state is not None
+    return {"ops": ops, "routes": routes, "foreign": dict(stage.rec.foreign), "tunnel_needed": stage.state.tunnel_needed,
+            "tunnel_mtu": stage.state.tunnel_mtu, "warnings": stage._result(inp.now).status["warnings"],
+            "neighbors": neighbors, "announcements": desired_announcements(cfg, pods, neighbors),
+            "learned_raw": learned_raw, "learned": learned, "facts": view.facts,
+            "notes": notes + ([stage.facts_warning] if stage.facts_warning else []) + nprob}
 
 
 def render_plan(r: dict[str, Any]) -> str:
-    plan: RoutePlan = r["plan"]
-    diff: RouteDiff = r["diff"]
+    ops: RouteOps = r["ops"]
     out = [f"# {n}" for n in r["notes"]]
     f = r["facts"]
     out.append(f"underlay: {f.address} on {f.device} in {f.network}, mtu {f.mtu}; tunnel "
-               f"{'needed, mtu ' + str(plan.tunnel_mtu) if plan.tunnel_needed else 'not needed'}")
+               f"{'needed, mtu ' + str(r['tunnel_mtu']) if r['tunnel_needed'] else 'not needed'}")
     out.append("neighbors:")
     out += [f"  {n.name:<16} {n.peer_address}  AS {n.peer_as}  {n.kind}" for n in r["neighbors"]] or ["  (none)"]
     out.append("announcements:")
     out += [f"  {a.prefix}  next-hop {a.next_hop}  to {'all' if a.neighbors is None else ','.join(sorted(a.neighbors)) or 'nobody'}"
             for a in r["announcements"].values()] or ["  (none)"]
-    out.append(f"routes: {len(plan.routes)} desired; changes: {len(diff.delete)} delete, {len(diff.replace)} replace")
-    for d in diff.delete:
-        out.append(f"  - delete {d.dst}")
-    for x in diff.replace:
-        hops = ", ".join(f"via {h.gateway} dev {h.device}{' onlink' if h.onlink else ''}" for h in x.nexthops)
-        out.append(f"  + {x.kind} {x.dst} {hops}{' mtu ' + str(x.mtu) if x.mtu else ''}")
-    out += [f"WARNING: {w}" for w in plan.warnings]
+    writes = len(ops.write)
+    out.append(f"routes: {len(r['routes'])} desired; changes: {len(ops.delete)} delete, {writes} replace"
+               + (f", {len(ops.conflicts)} conflict" if ops.conflicts else ""))
+    for d in ops.delete:
+        out.append(f"  - delete {d.text()}")
+    for op, x in ops.write:
+        other = r.get("foreign", {}).get(x.id)
+        out.append(f"  ! {x.text()}: not written, another owner's route holds the key ({other})" if other
+                   else f"  + {op} {x.text()}")
+    for key, why in ops.conflicts.items():
+        out.append(f"  ! {key[0]}: {why}")
+    out += [f"WARNING: {w}" for w in r["warnings"]]
     return "\n".join(out)
 
 
@@ -98,8 +162,8 @@ def render_explain(r: dict[str, Any], target: str) -> str:
         net = ipaddress.IPv4Network(target, strict=False)
     except ValueError:
         return f"explain: {target!r} is not an IPv4 address or prefix"
-    plan: RoutePlan = r["plan"]
-    matches = [d for d in plan.routes if net.subnet_of(d)]
+    routes = r["routes"]
+    matches = [d for d in routes if net.subnet_of(d)]
     out = []
     raw = {p: s for p, s in r["learned_raw"].items() if net.subnet_of(p) or p.subnet_of(net)}
     for p, holders in sorted(raw.items()):
@@ -109,9 +173,11 @@ def render_explain(r: dict[str, Any], target: str) -> str:
     if not matches:
         out.append(f"no fabric route covers {net}")
     for d in sorted(matches, key=lambda d: -d.prefixlen):
-        route = plan.routes[d]
-        out.append(f"route {d}: {route.why}")
+        out.append(f"route {d}: {routes[d].why}")
         break
+    for w in r["warnings"]:
+        if any(str(p) in w for p in raw):
+            out.append(f"warning: {w}")
     for a in r["announcements"].values():
         if net.subnet_of(a.prefix):
             out.append(f"announced {a.prefix}: {a.why}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from fabric.config import Pool
 from fabric.import_policy import ImportFilter
 from fabric.inputs import NodeInfo
-from ipip.model import NodeFacts, Route, desired_routes
+from ipip.model import NodeFacts, PeerRouting, Route, desired_routes
 
 Prefix = ipaddress.IPv4Network
 Holders = set[tuple[str, ipaddress.IPv4Address]]
@@ -34,6 +34,8 @@ class RouteInputs:
     ibgp: tuple[str, ...]
     tunnel_device: str
     per_peer_limits: bool  # some external peer has maxPrefixes: its whole set decides, so always full
+    external: tuple[tuple[str, PeerRouting], ...] = ()  # external peers: address and next-hop policy
+    external_metric: int = 0
 
 
 @dataclass
@@ -52,10 +54,14 @@ class RouteState:
         recompute everything). Returns (the prefixes to diff — None means all — and new rejections)."""
         full = dirty is None or inputs != self.inputs or inputs.per_peer_limits
         kinds = dict(inputs.kinds)
+        nets = (inputs.facts.network,)
+        model = dict(facts=inputs.facts, pools=list(inputs.pools), local_pod_cidrs=inputs.pod_cidrs,
+                     tunnel_device=inputs.tunnel_device, external=dict(inputs.external),
+                     external_metric=inputs.external_metric)
         if full:
-            learned, fresh = self.import_filter.filter(all_routes(), kinds, nodes, inputs.pod_cidrs, inputs.ibgp)
-            plan = desired_routes(facts=inputs.facts, pools=list(inputs.pools), local_pod_cidrs=inputs.pod_cidrs,
-                                  learned=learned, tunnel_device=inputs.tunnel_device)
+            learned, fresh = self.import_filter.filter(all_routes(), kinds, nodes, inputs.pod_cidrs, inputs.ibgp,
+                                                       node_networks=nets)
+            plan = desired_routes(learned=learned, **model)
             self.inputs, self.routes, self.warnings = inputs, dict(plan.routes), dict(plan.prefix_warnings)
             self.tunnel_needed, self.tunnel_mtu = plan.tunnel_needed, plan.tunnel_mtu
             return None, fresh
@@ -63,9 +69,9 @@ class RouteState:
         if not dirty:
             return set(), []
         raw = {p: h for p in dirty if (h := holders(p))}
-        learned, fresh = self.import_filter.filter(raw, kinds, nodes, inputs.pod_cidrs, inputs.ibgp, only=dirty)
-        plan = desired_routes(facts=inputs.facts, pools=list(inputs.pools), local_pod_cidrs=inputs.pod_cidrs,
-                              learned=learned, tunnel_device=inputs.tunnel_device)
+        learned, fresh = self.import_filter.filter(raw, kinds, nodes, inputs.pod_cidrs, inputs.ibgp, only=dirty,
+                                                   node_networks=nets)
+        plan = desired_routes(learned=learned, **model)
         for p in dirty:
             if p in plan.routes:
                 self.routes[p] = plan.routes[p]
@@ -83,7 +89,9 @@ class RouteState:
 
 def make_inputs(*, facts: NodeFacts, pools: Iterable[Pool], pod_cidrs: Iterable[Prefix],
                 nodes: Mapping[str, NodeInfo], kinds: Mapping[str, str], ibgp: Iterable[str], tunnel_device: str,
-                per_peer_limits: bool) -> RouteInputs:
+                per_peer_limits: bool, external: Mapping[str, PeerRouting] | None = None,
+                external_metric: int = 0) -> RouteInputs:
     return RouteInputs(facts, tuple(pools), tuple(sorted(pod_cidrs)),
                        tuple(sorted((n, i.address) for n, i in nodes.items())), tuple(sorted(kinds.items())),
-                       tuple(sorted(ibgp)), tunnel_device, per_peer_limits)
+                       tuple(sorted(ibgp)), tunnel_device, per_peer_limits, tuple(sorted((external or {}).items())),
+                       external_metric)

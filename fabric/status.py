@@ -27,7 +27,10 @@ def read(run_dir: Path) -> dict[str, Any]:
 
 
 def render(s: dict[str, Any]) -> str:
-    lines = [f"node {s['node']} ({s['address']}, AS {s['asn']}) ready={s['ready']} ipipMode={','.join(s['ipipModes'])}"]
+    lines = [f"node {s['node']} ({s['address']}, AS {s['asn']}) ready={s['ready']} phase={s.get('phase', '?')} "
+             f"ipipMode={','.join(s['ipipModes'])}"]
+    for w in s.get("waitingFor", []):
+        lines.append(f"  waiting for {w}")
     lines.append(f"{'PEER':<16} {'ADDRESS':<16} {'AS':<11} {'KIND':<9} {'STATE':<12} {'ROUTES':>6} {'STALE':>5}")
     for p in s["peers"]:
         lines.append(f"{p['name']:<16} {p['address']:<16} {p['asn']:<11} {p['kind']:<9} {p['state']:<12} "
@@ -36,8 +39,17 @@ def render(s: dict[str, Any]) -> str:
     for dst, r in sorted(s["routes"].items()):
         hops = ", ".join(f"via {g} dev {d}{' onlink' if o else ''}" for g, d, o in r["nexthops"]) or r["kind"]
         lines.append(f"  {dst:<18} {hops}{' mtu ' + str(r['mtu']) if r.get('mtu') else ''}")
-    if s.get("services"):
-        lines.append(f"services: {s['services']}")
+    for name, st in sorted((s.get("stages") or {}).items()):
+        state = "STALLED" if st.get("stalled") else ("running" if st.get("running") else "idle")
+        err = f" error: {st['error']} (retry in {st.get('retryIn')}s)" if st.get("error") else ""
+        lines.append(f"stage {name:<9} {state:<8} runs={st.get('runs', 0)} failed={st.get('failedRuns', 0)} "
+                     f"last={st.get('lastDuration')}s{err}")
+        for key, p in sorted((st.get("problems") or {}).items()):
+            kind = "CONFLICT" if p.get("conflict") else "FAILED"
+            lines.append(f"  {kind} {key}: {p['error']} (attempt {p['attempts']})")
+        if not st.get("problems"):
+            for key, why in sorted((st.get("failures") or {}).items()):
+                lines.append(f"  FAILED {key}: {why}")
     for w in s.get("warnings", []):
         lines.append(f"WARNING: {w}")
     for e in s.get("errors", []):

@@ -2,8 +2,17 @@
 
 Sources (the YAML file source, the Kubernetes watch) only record: `upsert`, `delete`, or `replace`
 (a full relist). No-op changes are dropped here, so a relist after a lost watch that finds nothing
-new causes no work. The sync runner calls `take()` to get exactly which keys changed since the last
-sync, and reads current objects from `objects`. Nothing here touches the kernel.
+new causes no work. Nothing here touches the kernel.
+
+Consumers: every stage of the agent's sync runner subscribes under its own name to the kinds it
+reads, and `take(consumer)` returns exactly which keys of those kinds changed since its last take.
+A stage whose run fails puts what it took back with `restore(changes, consumer)` (kube-proxy's change
+trackers), so a failed sync never loses a change. The default consumer "" sees every kind (tools,
+tests); an agent creates its Store without it. `on_change(kind)` tells the runner which kind moved.
+
+`remember(kind, values)` seeds last-good versions (persisted by the agent across restarts):
+`last_good(kind, key)` returns the current object or, failing that, the remembered one, so a source
+that meets a bad object can keep its last good version even right after a restart.
 
 Kinds and keys:
 - "Node": key = node name, value = fabric.inputs.NodeInfo
@@ -13,6 +22,7 @@ Kinds and keys:
 - "Pod": key = "namespace/name", value = fabric.inputs.PodInfo
 - "Namespace": key = name, value = fabric.inputs.NamespaceInfo
 - "NetworkPolicy": key = "namespace/name", value = the networking.k8s.io/v1 object as a dict
+New kinds are added to KINDS (and recorded by the sources); consumers subscribe to them by name.
 """
 
 from __future__ import annotations
@@ -41,22 +51,47 @@ class Changes:
 
 
 class Store:
-    """Current objects per kind plus the set of keys changed since the last `take()`. Thread-safe."""
+    """Current objects per kind plus, per consumer, the keys changed since its last `take()`. Thread-safe."""
 
-    def __init__(self, on_change: Callable[[], None] | None = None) -> None:
+    DEFAULT = ""
+
+    def __init__(self, on_change: Callable[[str], None] | None = None, *, default_consumer: bool = True) -> None:
         self._lock = threading.Lock()
         self._objects: dict[str, dict[str, Any]] = {k: {} for k in KINDS}
-        self._pending: dict[str, set[str]] = {k: set() for k in KINDS}
+        self._remembered: dict[str, dict[str, Any]] = {k: {} for k in KINDS}
+        self._consumers: dict[str, frozenset[str]] = {}
+        self._pending: dict[str, dict[str, set[str]]] = {}
+        self._full: dict[str, bool] = {}
         self._synced: set[str] = set()
-        self._full = False
         self._on_change = on_change
+        if default_consumer:
+            self.subscribe(self.DEFAULT, KINDS)
 
-    def set_on_change(self, cb: Callable[[], None] | None) -> None:
+    def set_on_change(self, cb: Callable[[str], None] | None) -> None:
         self._on_change = cb
 
-    def _notify(self) -> None:
+    def subscribe(self, consumer: str, kinds: Iterable[str]) -> None:
+        """Track changes of `kinds` for `consumer` from now on."""
+        kinds = frozenset(kinds)
+        unknown = kinds - set(KINDS)
+        if unknown:
+            raise KeyError(f"unknown kinds {sorted(unknown)}")
+        with self._lock:
+            self._consumers[consumer] = kinds
+            self._pending[consumer] = {k: set() for k in kinds}
+            self._full[consumer] = False
+
+    def _notify(self, kind: str) -> None:
         if self._on_change is not None:
-            self._on_change()
+            self._on_change(kind)
+
+    def _record(self, kind: str, keys: Iterable[str]) -> None:
+        keys = set(keys)
+        if not keys:
+            return
+        for c, kinds in self._consumers.items():
+            if kind in kinds:
+                self._pending[c][kind] |= keys
 
     def upsert(self, kind: str, key: str, value: Any) -> bool:
         """Record an add/update. Returns False (and records nothing) when the value is unchanged."""
@@ -65,16 +100,16 @@ class Store:
             if key in objs and objs[key] == value:
                 return False
             objs[key] = value
-            self._pending[kind].add(key)
-        self._notify()
+            self._record(kind, (key,))
+        self._notify(kind)
         return True
 
     def delete(self, kind: str, key: str) -> bool:
         with self._lock:
             if self._objects[kind].pop(key, None) is None:
                 return False
-            self._pending[kind].add(key)
-        self._notify()
+            self._record(kind, (key,))
+        self._notify(kind)
         return True
 
     def replace(self, kind: str, values: Mapping[str, Any]) -> int:
@@ -88,11 +123,11 @@ class Store:
                     objs[k] = values[k]
                 else:
                     del objs[k]
-            self._pending[kind] |= changed
+            self._record(kind, changed)
             newly_synced = kind not in self._synced
             self._synced.add(kind)
         if changed or newly_synced:
-            self._notify()
+            self._notify(kind)
         return len(changed)
 
     def mark_synced(self, kind: str) -> None:
@@ -100,23 +135,40 @@ class Store:
             new = kind not in self._synced
             self._synced.add(kind)
         if new:
-            self._notify()
+            self._notify(kind)
 
     def synced(self, kinds: Iterable[str]) -> bool:
         with self._lock:
             return all(k in self._synced for k in kinds)
 
-    def request_full(self) -> None:
+    def request_full(self, consumer: str | None = None) -> None:
+        """The next take() of `consumer` (None: of every consumer) says `full`."""
         with self._lock:
-            self._full = True
-        self._notify()
+            for c in ([consumer] if consumer is not None else list(self._consumers)):
+                self._full[c] = True
+        self._notify("")
 
-    def take(self) -> Changes:
+    def take(self, consumer: str = DEFAULT) -> Changes:
         with self._lock:
-            ch = Changes({k: v for k, v in self._pending.items() if v}, self._full)
-            self._pending = {k: set() for k in KINDS}
-            self._full = False
+            pend = self._pending[consumer]
+            ch = Changes({k: v for k, v in pend.items() if v}, self._full[consumer])
+            self._pending[consumer] = {k: set() for k in pend}
+            self._full[consumer] = False
         return ch
+
+    def restore(self, changes: Changes, consumer: str = DEFAULT) -> None:
+        """Put changes taken by `consumer` back (its run failed): its next take() includes them again."""
+        with self._lock:
+            pend = self._pending[consumer]
+            for kind, keys in changes.keys.items():
+                if kind in pend:
+                    pend[kind] |= keys
+            if changes.full:
+                self._full[consumer] = True
+
+    def pending(self, consumer: str = DEFAULT) -> bool:
+        with self._lock:
+            return self._full[consumer] or any(self._pending[consumer].values())
 
     def get(self, kind: str, key: str) -> Any:
         with self._lock:
@@ -126,3 +178,14 @@ class Store:
         """A shallow copy of the current objects of one kind (safe to iterate while sources write)."""
         with self._lock:
             return dict(self._objects[kind])
+
+    def remember(self, kind: str, values: Mapping[str, Any]) -> None:
+        """Seed last-good versions (from a previous run) for `last_good()`; not objects of the Store."""
+        with self._lock:
+            self._remembered[kind] = dict(values)
+
+    def last_good(self, kind: str, key: str) -> Any:
+        """The current object, else a remembered last-good one, else None."""
+        with self._lock:
+            v = self._objects[kind].get(key)
+            return v if v is not None else self._remembered[kind].get(key)

@@ -1,22 +1,29 @@
-"""Route/tunnel adapter: read facts and our routes from the kernel, apply a RouteDiff. Decides nothing.
+"""Route/tunnel adapter: read what the kernel holds, apply route and tunnel operations. Decides nothing.
 
-Reads are one pyroute2 dump each (links, addresses, routes); writes go through the pipelined
-RouteWriter. Runs in the current network namespace, synchronously (call it from a worker thread
-in asyncio code: pyroute2's sync IPRoute refuses a thread with a running loop).
+One read = three dumps on one rtnetlink socket (links, IPv4 addresses, IPv4 routes), decoded by
+ipip.rtnl; writes are pipelined (ipip.netlink). Every receive has a deadline. Runs in the current
+network namespace, synchronously (call it from a worker thread in asyncio code).
+
+What a read returns is split by owner: routes with our protocol in our table are `owned`; every other
+route of our table is `foreign`, keyed like ours by (dst, metric), so the reconciler can refuse to
+write where another owner's route sits (the kernel's NLM_F_REPLACE matches table/dst/tos/metric
+whatever the protocol: writing there would replace the node's own route). The node's facts (the
+address holding the node IP, its network and device, connected networks, underlay routes) are read
+in the same pass; a missing node address does not stop the read of what we own.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
-from dataclasses import dataclass
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyroute2 import IPRoute
-
-from ipip.model import NextHop, NodeFacts, Route, RouteDiff, UnderlayRoute
-from ipip.netlink_batch import RTNH_F_ONLINK, RouteWriter, WriteError
-
-RTN_UNICAST, RTN_BLACKHOLE = 1, 6
+from ipip import netlink as nl
+from ipip import rtnl
+from ipip.model import NodeFacts, Route, RouteKey, UnderlayRoute
 
 
 class FactsError(RuntimeError):
@@ -24,104 +31,154 @@ class FactsError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class TunnelState:
+    index: int
+    up: bool
+    mtu: int
+    owned: frozenset[ipaddress.IPv4Address]  # our addresses on it (IFA_PROTO = our protocol)
+    other: frozenset[ipaddress.IPv4Address]  # anyone else's
+
+
+@dataclass(frozen=True)
 class KernelView:
-    facts: NodeFacts
-    kernel_prefix: ipaddress.IPv4Interface
-    owned: dict[ipaddress.IPv4Network, Route]
+    facts: NodeFacts | None  # None: `facts_error` says what is missing
+    facts_error: str | None
+    kernel_prefix: ipaddress.IPv4Interface | None
+    owned: dict[RouteKey, Route]
+    foreign: dict[RouteKey, str]  # another owner's route at a key: its `ip route`-like text
     ifindex: dict[str, int]
     ifname: dict[int, str]
-    tunnel: dict | None  # {"up": bool, "mtu": int} when the tunnel device exists
+    tunnel: TunnelState | None
+    addresses: tuple[rtnl.Address, ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True)
+class OpError:
+    op: str  # "create" | "replace" | "delete"
+    route: Route
+    errno: int
+
+    @property
+    def error(self) -> str:
+        return os.strerror(self.errno)
 
 
 class RouteKernel:
-    def __init__(self, *, proto: int, table: int, tunnel_device: str) -> None:
+    def __init__(self, *, proto: int, table: int, tunnel_device: str, timeout: float = nl.RECV_TIMEOUT) -> None:
         self.proto = proto
         self.table = table
         self.tunnel_device = tunnel_device
-        self._ipr = IPRoute()
-        self._writer = RouteWriter(proto, table)
+        self._sock = nl.open_netlink(nl.NETLINK_ROUTE, timeout, rcvbuf=4 << 20)
+        self._seq = nl.Sequence32()
 
     def close(self) -> None:
-        self._ipr.close()
-        self._writer.close()
+        self._sock.close()
 
     # -- reading ---------------------------------------------------------------------------------
 
+    def _dump(self, msg_fn, what: str) -> list[bytes]:
+        seq = self._seq.next()
+        return [body for _typ, body in nl.request(self._sock, msg_fn(seq), seq, what)]
+
     def read(self, node_ip: ipaddress.IPv4Address, underlay_mtu: int | None = None,
              device: str | None = None) -> KernelView:
-        links = list(self._ipr.link("dump"))
-        ifname = {ln["index"]: ln.get("IFLA_IFNAME") for ln in links}
-        ifindex = {v: k for k, v in ifname.items()}
-        mtu = {ln["index"]: ln.get("IFLA_MTU") for ln in links}
-        up = {ln["index"]: bool(ln["flags"] & 1) for ln in links}
-        holder = None
-        for a in self._ipr.addr("dump", family=2):
-            if a.get("IFA_ADDRESS") == str(node_ip) and (device is None or ifname.get(a["index"]) == device):
-                holder = a
-                break
-        if holder is None:
-            raise FactsError(f"no interface holds the node address {node_ip}" + (f" on {device}" if device else ""))
-        kernel_prefix = ipaddress.IPv4Interface(f"{node_ip}/{holder['prefixlen']}")
-        dev_index = holder["index"]
-        owned: dict[ipaddress.IPv4Network, Route] = {}
-        underlay: list[UnderlayRoute] = []
-        for r in self._ipr.route("dump", family=2, table=self.table):
-            if r.get("RTA_TABLE", r["table"]) != self.table:
-                continue
-            dst = ipaddress.IPv4Network(f"{r.get('RTA_DST') or '0.0.0.0'}/{r['dst_len']}")
-            if r["proto"] == self.proto:
-                owned[dst] = self._to_route(dst, r, ifname)
-            elif r["type"] == RTN_UNICAST:
-                oif = r.get("RTA_OIF")
-                if oif is None or ifname.get(oif) == self.tunnel_device:
-                    continue
-                gw = r.get("RTA_GATEWAY")
-                underlay.append(UnderlayRoute(dst, ipaddress.IPv4Address(gw) if gw else None, ifname.get(oif, "?")))
-        t = ifindex.get(self.tunnel_device)
-        tunnel = {"up": up[t], "mtu": mtu[t]} if t is not None else None
-        facts = NodeFacts(address=node_ip, network=kernel_prefix.network, device=ifname[dev_index],
-                          mtu=underlay_mtu or mtu[dev_index], routes=tuple(underlay))
-        return KernelView(facts, kernel_prefix, owned, ifindex, ifname, tunnel)
+        links = [rtnl.decode_link(b) for b in self._dump(rtnl.link_dump_request, "link dump")]
+        ifname = {ln.index: ln.name for ln in links}
+        ifindex = {ln.name: ln.index for ln in links}
+        by_index = {ln.index: ln for ln in links}
+        addrs = tuple(a for b in self._dump(rtnl.addr_dump_request, "address dump") if (a := rtnl.decode_addr(b)))
+        routes = [r for b in self._dump(rtnl.route_dump_request, "route dump") if (r := rtnl.decode_route(b))]
 
-    @staticmethod
-    def _to_route(dst: ipaddress.IPv4Network, r, ifname: dict[int, str]) -> Route:
-        if r["type"] == RTN_BLACKHOLE:
-            return Route(dst, "blackhole")
-        hops: list[NextHop] = []
-        mp = r.get("RTA_MULTIPATH")
-        if mp:
-            for nh in mp:
-                gw = nh.get("RTA_GATEWAY")
-                if gw:
-                    hops.append(NextHop(ipaddress.IPv4Address(gw), ifname.get(nh["oif"], "?"),
-                                        bool(nh["flags"] & RTNH_F_ONLINK)))
-        elif r.get("RTA_GATEWAY"):
-            hops.append(NextHop(ipaddress.IPv4Address(r.get("RTA_GATEWAY")), ifname.get(r.get("RTA_OIF"), "?"),
-                                bool(r["flags"] & RTNH_F_ONLINK)))
-        metrics = r.get("RTA_METRICS")
-        mtu = metrics.get("RTAX_MTU") if metrics else None
-        return Route(dst, "unicast" if r["type"] == RTN_UNICAST else f"type{r['type']}", tuple(sorted(hops)),
-                     mtu or None)
+        owned: dict[RouteKey, Route] = {}
+        foreign: dict[RouteKey, str] = {}
+        underlay: list[UnderlayRoute] = []
+        for r in routes:
+            if r.table != self.table or r.tos:
+                continue
+            if r.proto == self.proto:
+                owned[(r.dst, r.metric)] = r.to_route(ifname)
+                continue
+            foreign.setdefault((r.dst, r.metric), r.text(ifname))
+            if r.type == rtnl.RTN_UNICAST and r.oif is not None and ifname.get(r.oif) != self.tunnel_device:
+                underlay.append(UnderlayRoute(r.dst, r.gateway, ifname.get(r.oif, "?")))
+
+        t = ifindex.get(self.tunnel_device)
+        tunnel = None
+        if t is not None:
+            mine = frozenset(a.address for a in addrs if a.index == t and a.proto == self.proto)
+            other = frozenset(a.address for a in addrs if a.index == t and a.proto != self.proto)
+            tunnel = TunnelState(t, by_index[t].up, by_index[t].mtu, mine, other)
+
+        holder = next((a for a in addrs if a.address == node_ip and (device is None or ifname.get(a.index) == device)),
+                      None)
+        if holder is None:
+            why = f"no interface holds the node address {node_ip}" + (f" on {device}" if device else "")
+            return KernelView(None, why, None, owned, foreign, ifindex, ifname, tunnel, addrs)
+        kernel_prefix = ipaddress.IPv4Interface(f"{node_ip}/{holder.prefixlen}")
+        connected = tuple(sorted({(ipaddress.IPv4Interface(f"{a.address}/{a.prefixlen}").network, ifname.get(a.index, "?"))
+                                  for a in addrs if a.index != t and a.prefixlen < 32
+                                  and not a.address.is_loopback}, key=lambda x: (x[0], x[1])))
+        facts = NodeFacts(address=node_ip, network=kernel_prefix.network, device=ifname[holder.index],
+                          mtu=underlay_mtu or by_index[holder.index].mtu, routes=tuple(underlay), connected=connected)
+        return KernelView(facts, None, kernel_prefix, owned, foreign, ifindex, ifname, tunnel, addrs)
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def ensure_tunnel(self, mtu: int, view: KernelView) -> KernelView:
-        """tunl0 is the kernel's fallback ipip device (local/remote any, like Calico's): it receives all
-        IPIP and sends to the per-route onlink gateway. Create it if the netns lacks it; set MTU and up."""
-        t = view.ifindex.get(self.tunnel_device)
-        if t is None:
-            self._ipr.link("add", ifname=self.tunnel_device, kind="ipip")
-            t = self._ipr.link_lookup(ifname=self.tunnel_device)[0]
-        elif view.tunnel and view.tunnel["up"] and view.tunnel["mtu"] == mtu:
-            return view
-        self._ipr.link("set", index=t, mtu=mtu, state="up")
-        ifindex = {**view.ifindex, self.tunnel_device: t}
-        ifname = {**view.ifname, t: self.tunnel_device}
-        return KernelView(view.facts, view.kernel_prefix, view.owned, ifindex, ifname, {"up": True, "mtu": mtu})
+    def apply(self, ops: Iterable[tuple[str, Route]], ifindex: dict[str, int]) -> list[OpError]:
+        """Apply ("create" | "replace" | "delete", route) in order, pipelined. Deleting a route that is
+        already gone is fine. Returns the refusals; never raises for one bad route."""
+        msgs: list[tuple[bytes, int, tuple[str, Route]]] = []
+        errors: list[OpError] = []
+        for op, route in ops:
+            seq = self._seq.next()
+            try:
+                msg = rtnl.encode_route(route, op=op, seq=seq, proto=self.proto, table=self.table, ifindex=ifindex)
+            except KeyError:
+                errors.append(OpError(op, route, errno.ENODEV))
+                continue
+            msgs.append((msg, seq, (op, route)))
+        for (op, route), err in nl.pipeline(self._sock, msgs):
+            if op == "delete" and err in (errno.ESRCH, errno.ENOENT):
+                continue
+            errors.append(OpError(op, route, err))
+        return errors
 
-    def apply(self, diff: RouteDiff, ifindex: dict[str, int]) -> list[WriteError]:
-        ops = [("delete", r) for r in diff.delete] + [("replace", r) for r in diff.replace]
-        return self._writer.apply(ops, ifindex)
+    def _ask(self, msg_fn, what: str) -> None:
+        seq = self._seq.next()
+        nl.request(self._sock, msg_fn(seq), seq, what)
+
+    def create_tunnel(self) -> int:
+        """tunl0 is the kernel's fallback ipip device (local/remote any, like Calico's): it receives all
+        IPIP and sends to the per-route onlink gateway. Created if this namespace lacks it."""
+        try:
+            self._ask(lambda s: rtnl.encode_new_link(self.tunnel_device, "ipip", s), f"create {self.tunnel_device}")
+        except OSError as e:
+            if e.errno != errno.EEXIST:
+                raise
+        links = [rtnl.decode_link(b) for b in self._dump(rtnl.link_dump_request, "link dump")]
+        idx = next((ln.index for ln in links if ln.name == self.tunnel_device), None)
+        if idx is None:
+            raise OSError(errno.ENODEV, f"{self.tunnel_device} was not created")
+        return idx
+
+    def set_link(self, index: int, *, mtu: int | None = None, up: bool | None = None) -> None:
+        self._ask(lambda s: rtnl.encode_set_link(index, s, mtu=mtu, up=up), f"set link {index}")
+
+    def tunnel_address(self, index: int, add: Iterable[ipaddress.IPv4Address],
+                       delete: Iterable[ipaddress.IPv4Address]) -> list[tuple[str, ipaddress.IPv4Address, int]]:
+        """Add/remove /32s (ours: IFA_PROTO = our protocol) on the tunnel device; returns (op, address, errno)
+        per refusal (already there / already gone are fine)."""
+        msgs = []
+        for op, addrs in (("delete", delete), ("add", add)):
+            for a in addrs:
+                seq = self._seq.next()
+                msgs.append((rtnl.encode_addr(op, index, a, 32, seq, self.proto), seq, (op, a)))
+        out = []
+        for (op, a), err in nl.pipeline(self._sock, msgs):
+            if (op, err) in (("add", errno.EEXIST), ("delete", errno.EADDRNOTAVAIL)):
+                continue
+            out.append((op, a, err))
+        return out
 
 
 def set_sysctl(name: str, value: str) -> str | None:

@@ -1,10 +1,18 @@
-"""Desired kernel routes for pod networks (pure): direct, IPIP, recursive, blackhole, ECMP.
+"""Desired kernel routes (pure): direct, IPIP, recursive, blackhole, ECMP; next hops validated.
 
 Inputs are plain values: this node's facts as read from the kernel (the underlay network = the prefix
-of the kernel address holding the node IP, its device and MTU, the non-fabric routes of the main
-table for recursive next-hop resolution), the pools, this node's pod CIDRs, and the learned routes
-(prefix -> {(peer, next_hop)}) after import filtering. Output: `RoutePlan` = routes keyed by
-destination, each saying why it exists, whether the IPIP tunnel is needed, and warnings.
+of the kernel address holding the node IP, its device and MTU, the connected networks, the non-fabric
+routes of the main table for recursive next-hop resolution), the pools, this node's pod CIDRs, the
+learned routes (prefix -> {(peer, next_hop)}) after import filtering, and how each external peer's next
+hops are taken. Output: `RoutePlan` = routes keyed by destination, each saying why it exists, whether
+the IPIP tunnel is needed, and warnings.
+
+Pod routes (inside a pool) follow the pool's ipipMode. Routes from external peers outside every pool
+carry `external_metric`, so a route of the node's own (its default, its connected subnet, a static
+route: metric 0 or whatever the node uses) is always preferred and never replaced. Their next hops are
+checked as FRR does: `connected` (single-hop eBGP: the next hop must be on a connected network, else
+the route is unusable), `peer` (only the peer's own address), `any` (resolved recursively through the
+underlay's routes: iBGP and multihop eBGP). A next hop that is this node's own address is never used.
 """
 
 from __future__ import annotations
@@ -45,17 +53,35 @@ class NextHop:
     onlink: bool = False
 
 
+RouteKey = tuple[ipaddress.IPv4Network, int]  # (dst, metric): with table and tos what the kernel keys on
+
+
 @dataclass(frozen=True)
 class Route:
     dst: ipaddress.IPv4Network
     kind: str = "unicast"  # "unicast" | "blackhole"
     nexthops: tuple[NextHop, ...] = ()  # sorted; >1 = ECMP
     mtu: int | None = None
+    metric: int = 0  # RTA_PRIORITY
     why: str = field(default="", compare=False)
 
     def key(self) -> tuple:
         """What must match in the kernel (the reason does not)."""
-        return (self.dst, self.kind, self.nexthops, self.mtu)
+        return (self.dst, self.kind, self.nexthops, self.mtu, self.metric)
+
+    @property
+    def id(self) -> RouteKey:
+        """The kernel's identity of the route in its table (tos is always 0 here)."""
+        return (self.dst, self.metric)
+
+    def text(self) -> str:
+        """`ip route`-like, for logs and status."""
+        if self.kind == "blackhole":
+            out = f"blackhole {self.dst}"
+        else:
+            hops = " ".join(f"via {h.gateway} dev {h.device}{' onlink' if h.onlink else ''}" for h in self.nexthops)
+            out = f"{self.dst} {hops}".rstrip()
+        return out + (f" metric {self.metric}" if self.metric else "") + (f" mtu {self.mtu}" if self.mtu else "")
 
 
 @dataclass(frozen=True)
@@ -76,6 +102,18 @@ class NodeFacts:
     device: str
     mtu: int
     routes: tuple[UnderlayRoute, ...] = ()
+    connected: tuple[tuple[ipaddress.IPv4Network, str], ...] = ()  # (network, device) of every address but ours
+
+
+NEXT_HOP_POLICIES = ("connected", "peer", "any")
+
+
+@dataclass(frozen=True)
+class PeerRouting:
+    """How the routes of one external peer are installed: its address and which next hops are taken."""
+
+    address: ipaddress.IPv4Address
+    next_hop: str = "any"  # one of NEXT_HOP_POLICIES
 
 
 @dataclass(frozen=True)
@@ -123,9 +161,51 @@ def resolve_underlay(target: ipaddress.IPv4Address, facts: NodeFacts) -> NextHop
     return NextHop(best.gateway if best.gateway is not None else target, best.device)
 
 
+def resolve_connected(target: ipaddress.IPv4Address, facts: NodeFacts) -> NextHop | None:
+    """`target` directly on a connected network (the node subnet or another interface's), else None."""
+    if target in facts.network:
+        return NextHop(target, facts.device)
+    for net, dev in facts.connected:
+        if net.prefixlen < 32 and target in net:
+            return NextHop(target, dev)
+    return None
+
+
+def _external_hop(peer: str, next_hop: ipaddress.IPv4Address, routing: PeerRouting | None,
+                  facts: NodeFacts) -> tuple[NextHop | None, str]:
+    """(the hop to install, why) for a route outside every pool; hop None = unusable, `why` says why."""
+    if next_hop == facts.address:
+        return None, f"next hop {next_hop} is this node's own address"
+    policy = routing.next_hop if routing is not None else "any"
+    if policy == "peer" and routing is not None and next_hop != routing.address:
+        return None, f"third-party next hop {next_hop} (peer {routing.address}; nextHop: peer takes only the peer's own)"
+    if policy in ("peer", "connected"):
+        hop = resolve_connected(next_hop, facts)
+        if hop is None:
+            return None, (f"next hop {next_hop} is not on a connected network (nextHop: {policy}; a single-hop eBGP "
+                          "peer's next hop must be directly reachable: set nextHop: any or multihop to resolve it "
+                          "through the underlay)")
+        return hop, f"direct on {hop.device} (connected, nextHop: {policy})"
+    hop = resolve_underlay(next_hop, facts)
+    if hop is None:
+        return None, f"next hop {next_hop} is not routed by the underlay: unreachable"
+    if hop.gateway == next_hop:
+        return hop, f"direct on {hop.device}"
+    return hop, f"recursive via underlay gateway {hop.gateway} on {hop.device}"
+
+
+def tunnel_address(local_pod_cidrs: Iterable[ipaddress.IPv4Network]) -> ipaddress.IPv4Address | None:
+    """The tunnel device's own address: the network address of this node's first pod CIDR (as flannel
+    does; no IPAM hands it to a pod). Host-originated traffic through the tunnel takes it as its source,
+    and other nodes route it back through our pod CIDR, whatever address is first on the underlay device."""
+    cidrs = sorted(local_pod_cidrs)
+    return cidrs[0].network_address if cidrs else None
+
+
 def desired_routes(*, facts: NodeFacts, pools: list[Pool], local_pod_cidrs: Iterable[ipaddress.IPv4Network],
                    learned: Mapping[ipaddress.IPv4Network, Iterable[tuple[str, ipaddress.IPv4Address]]],
-                   tunnel_device: str = "tunl0") -> RoutePlan:
+                   tunnel_device: str = "tunl0", external: Mapping[str, PeerRouting] | None = None,
+                   external_metric: int = 0) -> RoutePlan:
     routes: dict[ipaddress.IPv4Network, Route] = {}
     warnings: dict[ipaddress.IPv4Network, list[str]] = {}
     tunnel_mtu = facts.mtu - IPIP_OVERHEAD
@@ -143,12 +223,25 @@ def desired_routes(*, facts: NodeFacts, pools: list[Pool], local_pod_cidrs: Iter
         hops: set[NextHop] = set()
         reasons: list[str] = []
         uses_tunnel = False
+        pool = pool_for(prefix, pools)
+        if pool is None:
+            for peer, next_hop in sorted(learned[prefix], key=lambda t: (t[1], t[0])):
+                hop, why = _external_hop(peer, next_hop, (external or {}).get(peer), facts)
+                if hop is None:
+                    warnings.setdefault(prefix, []).append(f"{prefix} from {peer}: {why}: not installed")
+                    continue
+                hops.add(hop)
+                reasons.append(f"from {peer} via {next_hop} (no pool: external route, metric {external_metric}) "
+                               f"-> {why}")
+            if hops:
+                routes[prefix] = Route(prefix, "unicast", tuple(sorted(hops)), metric=external_metric,
+                                       why="; ".join(reasons) + (" [ECMP]" if len(hops) > 1 else ""))
+            continue
         for peer, next_hop in sorted(learned[prefix], key=lambda t: (t[1], t[0])):
-            pool = pool_for(prefix, pools)
             same = next_hop in facts.network
-            mode = pool.ipip_mode if pool is not None else IPIPMode.NEVER
+            mode = pool.ipip_mode
             where = "same subnet" if same else "another subnet"
-            pool_txt = f"pool {pool.cidr} ipipMode {mode.value}" if pool else "no pool (external route)"
+            pool_txt = f"pool {pool.cidr} ipipMode {mode.value}"
             if mode is IPIPMode.ALWAYS or (mode is IPIPMode.CROSS_SUBNET and not same):
                 hops.add(NextHop(next_hop, tunnel_device, onlink=True))
                 uses_tunnel = True
@@ -165,9 +258,9 @@ def desired_routes(*, facts: NodeFacts, pools: list[Pool], local_pod_cidrs: Iter
             else:
                 reasons.append(f"from {peer} via {next_hop} ({where}, {pool_txt}) -> recursive via underlay "
                                f"gateway {hop.gateway} on {hop.device}")
-                if pool is not None:
-                    warnings.setdefault(prefix, []).append(f"{prefix} from {peer}: ipipMode Never and {next_hop} is in another subnet: "
-                                    f"sent to underlay gateway {hop.gateway}, reachable only if it routes pod CIDRs")
+                warnings.setdefault(prefix, []).append(
+                    f"{prefix} from {peer}: ipipMode Never and {next_hop} is in another subnet: sent to underlay "
+                    f"gateway {hop.gateway}, reachable only if it routes pod CIDRs")
         if not hops:
             continue
         routes[prefix] = Route(prefix, "unicast", tuple(sorted(hops)),
@@ -175,22 +268,3 @@ def desired_routes(*, facts: NodeFacts, pools: list[Pool], local_pod_cidrs: Iter
                                why="; ".join(reasons) + (" [ECMP]" if len(hops) > 1 else ""))
     return RoutePlan(routes, tunnel_needed, tunnel_mtu, tuple(w for p in sorted(warnings) for w in warnings[p]),
                      {p: tuple(ws) for p, ws in warnings.items()})
-
-
-@dataclass(frozen=True)
-class RouteDiff:
-    """Deletions first, then replaces (create-or-replace is atomic in the kernel)."""
-
-    delete: tuple[Route, ...]
-    replace: tuple[Route, ...]
-
-    def __bool__(self) -> bool:
-        return bool(self.delete or self.replace)
-
-
-def diff_routes(desired: Mapping[ipaddress.IPv4Network, Route],
-                actual: Mapping[ipaddress.IPv4Network, Route]) -> RouteDiff:
-    delete = tuple(actual[d] for d in sorted(actual.keys() - desired.keys()))
-    replace = tuple(desired[d] for d in sorted(desired)
-                    if d not in actual or actual[d].key() != desired[d].key())
-    return RouteDiff(delete, replace)

@@ -232,8 +232,10 @@ class KubernetesSource:
     @property
     def problems(self) -> list[str]:
         """Current problems: objects skipped (and why), and bad custom resources from effective_config()."""
+        crashed = [f"{k}: watching failed unexpectedly, retrying: {r.last_crash}"
+                   for k, r in self.reflectors.items() if r.last_crash]
         with self._lock:
-            return sorted(set(self._skipped.values())) + list(self._crd_problems)
+            return sorted(set(self._skipped.values())) + list(self._crd_problems) + crashed
 
     # ---- custom resources -------------------------------------------------------------------------
     def effective_config(self, base: AgentConfig) -> tuple[AgentConfig, list[Problem]]:

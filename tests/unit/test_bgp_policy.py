@@ -35,19 +35,40 @@ def test_external_prefix_filter() -> None:
     pol = ExternalImportPolicy(PrefixFilter(allow=["10.0.0.0/8"], deny=["10.66.0.0/16"], max_length=24),
                                node_addresses=(A("10.1.1.1"),))
     ok, bad = pol.filter([N("10.1.0.0/16"), N("10.66.1.0/24"), N("10.2.3.0/25"), N("172.16.0.0/12"),
-                          N("10.1.1.1/32")])
-    assert ok == [N("10.1.0.0/16")]
-    assert {r.prefix: r.reason for r in bad} == {
+                          N("10.1.1.1/32"), N("10.3.0.0/16")])
+    assert ok == [N("10.3.0.0/16")]
+    assert {r.prefix: r.reason.split(" (")[0] for r in bad} == {
         N("10.66.1.0/24"): "denied by 10.66.0.0/16",
         N("10.2.3.0/25"): "longer than maxLength 24",
         N("172.16.0.0/12"): "not inside an allowed prefix",
-        N("10.1.1.1/32"): "is node address 10.1.1.1",
+        N("10.1.1.1/32"): "covers node address 10.1.1.1",
+        N("10.1.0.0/16"): "covers node address 10.1.1.1",
     }
 
 
-def test_external_no_filter_accepts_everything_but_node_hosts() -> None:
-    ok, bad = ExternalImportPolicy(None).filter([N("0.0.0.0/0"), N("8.8.8.0/24")])
-    assert ok == [N("0.0.0.0/0"), N("8.8.8.0/24")] and bad == []
+def test_external_no_filter_accepts_everything_but_the_nodes_own_networks() -> None:
+    pol = ExternalImportPolicy(None, node_addresses=(A("10.0.1.11"), A("10.0.2.21")),
+                               node_networks=(N("10.0.1.0/24"),))
+    ok, bad = pol.filter([N("0.0.0.0/0"), N("8.8.8.0/24"), N("10.0.1.0/24"), N("10.0.1.128/25"), N("10.0.2.0/24"),
+                          N("10.0.0.0/8")])
+    assert ok == [N("8.8.8.0/24")]
+    reasons = {r.prefix: r.reason for r in bad}
+    assert reasons[N("0.0.0.0/0")].startswith("default route") and "allowDefaultRoute" in reasons[N("0.0.0.0/0")]
+    assert reasons[N("10.0.1.0/24")].startswith("inside the node's own subnet 10.0.1.0/24")
+    assert reasons[N("10.0.1.128/25")].startswith("inside the node's own subnet")  # no node in it: still the subnet
+    assert reasons[N("10.0.2.0/24")].startswith("covers node address 10.0.2.21")
+    assert reasons[N("10.0.0.0/8")].startswith("covers node address 10.0.1.11")
+
+
+def test_external_opt_ins_take_the_default_route_and_node_networks() -> None:
+    pol = ExternalImportPolicy(None, node_addresses=(A("10.0.1.11"),), node_networks=(N("10.0.1.0/24"),),
+                               allow_default=True, allow_node_networks=True)
+    ok, bad = pol.filter([N("0.0.0.0/0"), N("10.0.1.0/24"), N("10.0.0.0/8")])
+    assert ok == [N("0.0.0.0/0"), N("10.0.0.0/8"), N("10.0.1.0/24")] and bad == []
+    only_default = ExternalImportPolicy(None, node_addresses=(A("10.0.1.11"),), node_networks=(N("10.0.1.0/24"),),
+                                        allow_default=True)
+    ok, bad = only_default.filter([N("0.0.0.0/0"), N("10.0.1.0/24")])
+    assert ok == [N("0.0.0.0/0")] and [r.prefix for r in bad] == [N("10.0.1.0/24")]
 
 
 def test_max_prefixes_rejects_the_excess_and_counts_what_is_held() -> None:

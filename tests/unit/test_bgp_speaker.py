@@ -205,3 +205,131 @@ def test_relay_respawned_under_running_exabgp_restarts_it(tmp_path: Path, fake_e
             await sp.stop()
 
     asyncio.run(main())
+
+
+def test_end_of_rib_is_withheld_until_the_announced_set_is_final(tmp_path: Path, fake_exabgp: str) -> None:
+    """Finding 5: a restarted agent that does not know its desired state yet sends no End-of-RIB, so a
+    peer keeps every route of ours it held; the first final set releases it to every live session."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "inject.jsonl").write_text("\n".join([OPEN % ("10.0.0.2", "10.0.0.2"), STATE % ("10.0.0.2", "up")])
+                                          + "\n")
+    events: list[BgpEvent] = []
+
+    async def main() -> None:
+        sp = Speaker(run_dir, events.append, exabgp=fake_exabgp)
+        await sp.set_neighbors([nb("b", "10.0.0.2")])
+        await sp.set_announcements({N("10.244.1.0/24"): ann("10.244.1.0/24")}, final=False)
+        await sp.start()
+        try:
+            await until("PeerUp", lambda: PeerUp("b", A("10.0.0.2"), 77) in events)
+            await until("replay", lambda: "neighbor 10.0.0.2 announce attributes next-hop self nlri 10.244.1.0/24"
+                        in commands(run_dir))
+            await asyncio.sleep(0.3)
+            assert not [c for c in commands(run_dir) if "eor" in c]
+            assert sp.status()["endOfRib"].startswith("withheld")
+            await sp.set_announcements({N("10.244.1.0/24"): ann("10.244.1.0/24"),
+                                        N("10.96.0.10/32"): ann("10.96.0.10/32")}, final=True)
+            await until("eor", lambda: "neighbor 10.0.0.2 announce eor ipv4 unicast" in commands(run_dir))
+            cmds = commands(run_dir)
+            assert cmds.index("announce attributes next-hop self nlri 10.96.0.10/32") < \
+                cmds.index("neighbor 10.0.0.2 announce eor ipv4 unicast")
+            assert sp.status()["endOfRib"] == "sent"
+        finally:
+            await sp.stop()
+
+    asyncio.run(main())
+
+
+def test_run_dir_and_config_are_private_and_no_password_in_reprs(tmp_path: Path, fake_exabgp: str) -> None:
+    """Finding 12: exabgp.conf holds the MD5 password: 0600 in a 0700 run dir; reprs never show it."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o755)
+    secret = "s3cr3t-md5"
+    n = Neighbor("tor", A("10.0.0.9"), 65000, 64512, A("10.0.0.1"), A("10.0.0.1"), 9, md5_password=secret)
+    assert secret not in repr(n)
+    from fabric.config import parse
+    cfg = parse({"node": {"name": "n1", "address": "10.0.0.1/24"}, "source": {"kind": "file", "path": "x"},
+                 "peers": [{"name": "tor", "address": "10.0.0.9", "asn": 65000, "password": secret}]})
+    assert secret not in repr(cfg) and secret not in str(cfg.peers)
+
+    async def main() -> None:
+        sp = Speaker(run_dir, lambda ev: None, exabgp=fake_exabgp)
+        await sp.set_neighbors([n])
+        await sp.start()
+        try:
+            await until("relay", lambda: sp.status()["relay_connected"])
+            assert run_dir.stat().st_mode & 0o777 == 0o700
+            conf = run_dir / "exabgp.conf"
+            assert conf.stat().st_mode & 0o777 == 0o600
+            await sp.set_neighbors([n, nb("b", "10.0.0.2")])  # rewritten: still private
+            assert conf.stat().st_mode & 0o777 == 0o600
+            env = sp._env()
+            assert env["exabgp_log_destination"] == str((run_dir / "exabgp.log").resolve())  # rotating, bounded
+        finally:
+            await sp.stop()
+
+    asyncio.run(main())
+
+
+def test_exabgp_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    """Finding 14: the death signal is set by an exec wrapper (setpriv, or bgp.deathsig), not a preexec_fn."""
+    import subprocess
+    import textwrap
+
+    from bgp.speaker import die_with_parent_command
+
+    for wrapper in ("setpriv", "python"):
+        parent = textwrap.dedent(f'''
+            import subprocess, sys, time, shutil
+            from bgp import speaker
+            if {wrapper!r} == "python":
+                shutil.which = lambda name: None  # no util-linux: our own wrapper
+            cmd = speaker.die_with_parent_command(["sleep", "60"])
+            p = subprocess.Popen(cmd)
+            print(p.pid, cmd[0], flush=True)
+            time.sleep(60)
+        ''')
+        pr = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True,
+                              cwd=str(Path(__file__).resolve().parents[2]))
+        assert pr.stdout is not None
+        pid_s, prog = pr.stdout.readline().split()
+        child = int(pid_s)
+        time.sleep(0.5)  # the wrapper has exec'd sleep
+        assert ("setpriv" in prog) == (wrapper == "setpriv")
+        pr.kill()
+        pr.wait()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+                with open(f"/proc/{child}/stat") as f:
+                    if f.read().split(") ")[1].startswith("Z"):
+                        break  # a zombie: dead, waiting for init to reap it
+            except (ProcessLookupError, FileNotFoundError):
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(child, signal.SIGKILL)
+            raise AssertionError(f"{wrapper}: the child outlived its parent")
+    assert die_with_parent_command(["x"])[-1] == "x"
+
+
+def test_exabgp_is_spawned_without_preexec_fn(tmp_path: Path, fake_exabgp: str, monkeypatch) -> None:
+    """Finding 14: a preexec_fn in a multi-threaded process can deadlock between fork and exec."""
+    seen: list[dict] = []
+    real = asyncio.create_subprocess_exec
+
+    async def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", spy)
+
+    async def main() -> None:
+        sp = Speaker(tmp_path / "run", lambda ev: None, exabgp=fake_exabgp)
+        await sp.start()
+        await sp.stop()
+
+    asyncio.run(main())
+    assert seen and all("preexec_fn" not in kw for kw in seen)

@@ -61,6 +61,18 @@ def test_bad_config_through_the_real_command() -> None:
                 {"name": "a", "address": "10.0.0.2", "asn": 65000}]}, "duplicate peer name 'a'"),
     ({"source": {"kind": "carrier-pigeon"}}, "source"),
     ({"advertise": {"communities": ["65000:70000"]}}, "<= 65535"),
+    ({"node": {"name": "n", "address": "10.0.0.1/24", "podCIDRs": ["10.99.1.0/24"]},
+      "pools": [{"cidr": "10.244.0.0/16"}]}, "node.podCIDRs: 10.99.1.0/24 is outside every enabled pool"),
+    ({"node": {"name": "n", "address": "10.0.0.1/24", "podCIDRs": ["10.244.1.0/24"]},
+      "pools": [{"cidr": "10.244.0.0/16", "disabled": True}]}, "outside every enabled pool"),
+    ({"node": {"name": "n", "address": "10.0.0.1/24", "podCIDRs": ["10.244.1.0/24"]},
+      "pools": [{"cidr": "10.244.0.0/16"}]}, None),
+    ({"peers": [{"name": "tor", "address": "10.0.0.9", "asn": 65000, "nextHop": "somewhere"}]}, "peers.0.nextHop"),
+    ({"peers": [{"name": "tor", "address": "10.0.0.9", "asn": 65000, "export": {"allowDefaultRoute": True}}]},
+     "peers.0.export.allowDefaultRoute: unknown key"),
+    ({"peers": [{"name": "tor", "address": "10.0.0.9", "asn": 65000, "nextHop": "peer",
+                 "import": {"allowDefaultRoute": True, "allowNodeNetworks": True}}]}, None),
+    ({"health": {"stageTimeout": 0}}, "health.stageTimeout"),
 ])
 def test_field_errors(patch: dict, expected: str | None) -> None:
     base = yaml.safe_load((CONFIGS / "good.yaml").read_text())
@@ -112,3 +124,13 @@ def test_random_yaml_text_never_tracebacks(text: str, tmp_path_factory: pytest.T
         cfg.load(p)
     except cfg.ConfigError as e:
         assert e.problems
+
+
+def test_next_hop_policy_defaults_follow_frr() -> None:
+    base = yaml.safe_load((CONFIGS / "good.yaml").read_text())
+    base["peers"] = [{"name": "ebgp", "address": "10.0.0.9", "asn": 65000},
+                     {"name": "multihop", "address": "10.0.0.10", "asn": 65000, "multihop": 2},
+                     {"name": "ibgp", "address": "10.0.0.11", "asn": 64512},
+                     {"name": "set", "address": "10.0.0.12", "asn": 65000, "nextHop": "any"}]
+    c = cfg.parse(base)
+    assert [p.next_hop_policy(64512) for p in c.peers] == ["connected", "any", "any", "any"]

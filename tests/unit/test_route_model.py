@@ -7,8 +7,9 @@ from ipaddress import IPv4Address as A, IPv4Interface as I, IPv4Network as N
 import pytest
 
 from fabric.config import IPIPMode, Pool
-from ipip.model import (NextHop, NodeFacts, Route, UnderlayRoute, desired_routes, diff_routes,
-                        same_subnet_network)
+from ipip.model import (NextHop, NodeFacts, PeerRouting, Route, UnderlayRoute, desired_routes,
+                        same_subnet_network, tunnel_address)
+from ipip.reconcile import RouteReconciler
 
 FACTS = NodeFacts(address=A("10.0.1.11"), network=N("10.0.1.0/24"), device="eth1", mtu=1500,
                   routes=(UnderlayRoute(N("0.0.0.0/0"), A("10.0.1.1"), "eth1"),))
@@ -112,16 +113,54 @@ def test_mode_switch_reevaluates_every_route_at_once() -> None:
     learned = {N(f"10.244.{i}.0/24"): {(f"n{i}", A(f"10.0.1.{20 + i}"))} for i in range(2, 30)}
     before = plan(IPIPMode.CROSS_SUBNET, learned)
     after = plan(IPIPMode.ALWAYS, learned)
-    d = diff_routes(after.routes, before.routes)
-    assert d.delete == ()
-    assert {r.dst for r in d.replace} == set(learned)
-    assert all(r.nexthops[0].device == "tunl0" for r in d.replace)
+    rec = RouteReconciler()
+    rec.set_dataplane({r.id: r for r in before.routes.values()}, {})
+    rec.set_desired({r.id: r for r in after.routes.values()})
+    ops = rec.plan(0.0)
+    assert ops.delete == []
+    assert {r.dst for op, r in ops.write if op == "replace"} == set(learned)
+    assert all(r.nexthops[0].device == "tunl0" for _, r in ops.write)
 
 
-def test_diff_deletes_first_and_ignores_reasons() -> None:
-    a = Route(N("10.244.2.0/24"), nexthops=DIRECT_SAME, why="x")
-    b = Route(N("10.244.2.0/24"), nexthops=DIRECT_SAME, why="y")
-    gone = Route(N("10.244.7.0/24"), nexthops=DIRECT_SAME)
-    d = diff_routes({a.dst: a}, {b.dst: b, gone.dst: gone})
-    assert d.delete == (gone,) and d.replace == ()
-    assert not diff_routes({a.dst: a}, {a.dst: b})
+EXT = {"tor": PeerRouting(A("10.0.1.1"), "connected")}
+FACTS2 = NodeFacts(A("10.0.1.11"), N("10.0.1.0/24"), "eth1", 1500,
+                   routes=(UnderlayRoute(N("0.0.0.0/0"), A("10.0.1.1"), "eth1"),
+                           UnderlayRoute(N("10.0.8.0/24"), A("10.0.1.1"), "eth1")),
+                   connected=((N("192.168.5.0/24"), "eth2"),))
+
+
+def ext(learned, policy: str = "connected", metric: int = 4096):
+    return desired_routes(facts=FACTS2, pools=[Pool(cidr=N("10.244.0.0/16"))], local_pod_cidrs=[], learned=learned,
+                          external={"tor": PeerRouting(A("10.0.1.1"), policy)}, external_metric=metric)
+
+
+@pytest.mark.parametrize("policy, nh, hop", [
+    ("connected", A("10.0.1.1"), NextHop(A("10.0.1.1"), "eth1")),   # the peer itself
+    ("connected", A("10.0.1.5"), NextHop(A("10.0.1.5"), "eth1")),   # third party on the subnet
+    ("connected", A("192.168.5.9"), NextHop(A("192.168.5.9"), "eth2")),  # another connected network
+    ("connected", A("10.0.8.1"), None),                              # off-subnet: not for single-hop eBGP
+    ("peer", A("10.0.1.1"), NextHop(A("10.0.1.1"), "eth1")),
+    ("peer", A("10.0.1.5"), None),                                   # third party refused
+    ("any", A("10.0.8.1"), NextHop(A("10.0.1.1"), "eth1")),          # recursive through the underlay
+    ("any", A("10.0.1.11"), None),                                   # our own address: never
+    ("connected", A("10.0.1.11"), None),
+])
+def test_external_next_hop_policies(policy: str, nh: A, hop: NextHop | None) -> None:
+    p = ext({N("10.0.9.0/24"): {("tor", nh)}}, policy)
+    r = p.routes.get(N("10.0.9.0/24"))
+    if hop is None:
+        assert r is None
+        assert p.warnings and "not installed" in p.warnings[0]
+    else:
+        assert r is not None and r.nexthops == (hop,) and r.metric == 4096 and not p.warnings
+
+
+def test_external_routes_carry_the_external_metric_pod_routes_do_not() -> None:
+    p = ext({N("0.0.0.0/0"): {("tor", A("10.0.1.1"))}, N("10.244.5.0/24"): {("tor", A("10.0.1.12"))}})
+    assert p.routes[N("0.0.0.0/0")].metric == 4096 and p.routes[N("0.0.0.0/0")].id == (N("0.0.0.0/0"), 4096)
+    assert p.routes[N("10.244.5.0/24")].metric == 0
+
+
+def test_tunnel_address_is_the_first_pod_cidrs_network_address() -> None:
+    assert tunnel_address([N("10.244.7.0/24"), N("10.244.3.0/26")]) == A("10.244.3.0")
+    assert tunnel_address([]) is None

@@ -1,0 +1,26 @@
+"""The agent's stages (each runs on its own; see fabric.stage for the protocol).
+
+`build(agent)` is the registry: a new concern of the node (a CNI conflist writer, a pod NAT table, a
+NetworkPolicy table, metrics) is one more Stage appended here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fabric.stage import Stage
+from fabric.stages.bgp import BgpStage
+from fabric.stages.config import ConfigStage
+from fabric.stages.routes import RoutesStage
+from fabric.stages.services import ServicesStage
+
+
+def build(agent: Any) -> list[Stage]:
+    stages: list[Stage] = [
+        ConfigStage(agent, agent.effective, agent.remembered),
+        BgpStage(agent),
+        RoutesStage(agent, agent.kernel_factory, sysctls=agent.sysctls),
+    ]
+    if agent.services_factory is not None:
+        stages.append(ServicesStage(agent, agent.services_factory))
+    return stages

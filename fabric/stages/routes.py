@@ -1,0 +1,297 @@
+"""The routes stage: learned routes + cluster + kernel facts -> desired routes -> per-key reconcile.
+
+On its own worker thread. A full run (first, periodic, facts changed, configuration changed) reads
+the kernel (links, addresses, every route of our table) and recomputes every route; otherwise only the
+prefixes BGP touched are recomputed and only their keys reconciled (fabric.route_state). Writes go
+through ipip.reconcile.RouteReconciler: never where another owner's route sits, failed keys retried
+alone with backoff. The first read adopts every route we own; while the lifecycle holds, adopted
+routes are added to the desired set (kept, never removed). Before the source's first complete list,
+or while the node address is on no interface, nothing is written at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fabric.bgp_desired import local_pod_cidrs, peer_routing
+from fabric.config import AgentConfig
+from fabric.import_policy import ImportFilter
+from fabric.route_state import RouteState, make_inputs
+from fabric.stage import Stage, StageInput, StageResult
+from ipip.kernel import KernelView, OpError, set_sysctl
+from ipip.model import Route, RouteKey, same_subnet_network, tunnel_address
+from ipip.reconcile import Failures, RouteReconciler
+
+log = logging.getLogger("fabric.routes")
+
+Prefix = ipaddress.IPv4Network
+
+
+class RouteKernelLike(Protocol):
+    """What the stage needs of the kernel (ipip.kernel.RouteKernel, or a fake in tests)."""
+
+    def read(self, node_ip: ipaddress.IPv4Address, underlay_mtu: int | None = None,
+             device: str | None = None) -> KernelView: ...
+    def apply(self, ops: Iterable[tuple[str, Route]], ifindex: dict[str, int]) -> list[OpError]: ...
+    def create_tunnel(self) -> int: ...
+    def set_link(self, index: int, *, mtu: int | None = None, up: bool | None = None) -> None: ...
+    def tunnel_address(self, index: int, add: Iterable[ipaddress.IPv4Address],
+                       delete: Iterable[ipaddress.IPv4Address]) -> list[tuple[str, ipaddress.IPv4Address, int]]: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Computed:
+    pods: list[Prefix]  # this node's pod CIDRs
+    inputs: Any  # fabric.route_state.RouteInputs the desired routes came from
+
+
+@dataclass(frozen=True)
+class RoutesPrep:
+    cfg: AgentConfig
+    neighbors: tuple[Any, ...]
+    holding: bool
+    dirty: frozenset[Prefix] | None  # None: recompute every prefix
+    facts_changed: bool
+
+
+class RoutesStage(Stage):
+    name = "routes"
+    kinds = frozenset({"Node"})
+    on_worker = True
+    needs_source = False  # its first run adopts what the kernel holds, whatever else is known
+
+    def __init__(self, agent: Any, kernel_factory: Callable[[AgentConfig], RouteKernelLike],
+                 sysctls: bool = True) -> None:
+        self.agent = agent
+        self._kernel_factory = kernel_factory
+        self._sysctls = sysctls
+        self._k: RouteKernelLike | None = None
+        self.rec = RouteReconciler()
+        self._cfg: AgentConfig | None = None
+        self.state: RouteState | None = None
+        self.view: KernelView | None = None
+        self.adopted: dict[RouteKey, Route] | None = None
+        self._key_of: dict[Prefix, RouteKey] = {}
+        self._lock = threading.Lock()  # state.routes / warnings, read by the status snapshot on the loop
+        self.tunnel_failures: Failures[str] = Failures()
+        self.facts_warning: str | None = None
+        self.errors: list[str] = []
+        self._forward_set = False
+        self.applied = False  # a run got as far as writing (the desired state was known)
+        # loop side
+        self._dirty: set[Prefix] = set()
+        self._dirty_all = True
+        self._facts_changed = True
+
+    # -- event-loop side ---------------------------------------------------------------------------
+    def mark_dirty(self, prefixes: Iterable[Prefix]) -> None:
+        self._dirty.update(prefixes)
+
+    def mark_all(self) -> None:
+        self._dirty_all = True
+
+    def facts_changed(self) -> None:
+        self._facts_changed = True
+
+    def next_deadline(self, now: float) -> float | None:
+        return self.agent.rib.next_deadline()  # a peer's graceful-restart window ends
+
+    def prepare(self, inp: StageInput) -> RoutesPrep:
+        if self.agent.rib.expire(inp.now):
+            self._dirty_all = True
+        dirty = None if (self._dirty_all or inp.full) else frozenset(self._dirty)
+        p = RoutesPrep(self.agent.cfg, tuple(self.agent.neighbors), self.agent.lifecycle.holding, dirty,
+                       self._facts_changed)
+        self._dirty, self._dirty_all, self._facts_changed = set(), False, False
+        return p
+
+    def restore(self, inp: StageInput, p: RoutesPrep) -> None:
+        if p is None or p.dirty is None:
+            self._dirty_all = True
+        else:
+            self._dirty |= p.dirty
+        if p is None or p.facts_changed:
+            self._facts_changed = True
+
+    # -- worker side -------------------------------------------------------------------------------
+    def _kernel(self, cfg: AgentConfig) -> RouteKernelLike:
+        if self._k is None:
+            self._k = self._kernel_factory(cfg)
+        return self._k
+
+    def close(self) -> None:
+        if self._k is not None:
+            self._k.close()
+
+    def _read(self, k: RouteKernelLike, cfg: AgentConfig) -> KernelView:
+        dp = cfg.dataplane
+        view = k.read(cfg.node.address.ip, dp.underlay_mtu, cfg.node.interface)
+        warn = None
+        if view.facts is not None and view.kernel_prefix is not None:
+            net, warn = same_subnet_network(view.kernel_prefix, cfg.node.address)
+            if net != view.facts.network:
+                view = dataclasses.replace(view, facts=dataclasses.replace(view.facts, network=net))
+        if warn and warn != self.facts_warning:
+            log.warning("%s", warn)
+        self.facts_warning = warn
+        if view.facts_error and (self.view is None or self.view.facts_error != view.facts_error):
+            log.error("%s: nothing is written until it is (the routes we own stay as they are)", view.facts_error)
+        return view
+
+    def run(self, inp: StageInput, p: RoutesPrep) -> StageResult:
+        now = inp.now
+        k = self._kernel(p.cfg)
+        out = self.reconcile(inp, p)
+        if isinstance(out, str):
+            return self._result(now, waiting=out)
+        if self._sysctls and not self._forward_set:
+            # Only now: a node whose address is not (yet) there is not touched at all.
+            err = set_sysctl("net.ipv4.ip_forward", "1")
+            self.errors = [err] if err else []
+            self._forward_set = err is None
+        self._tunnel(k, now, out.pods)
+        ops = self.rec.plan(now)
+        refused = k.apply(ops.ops(), self.view.ifindex) if ops else []  # type: ignore[union-attr]
+        self.rec.record(ops, [(e.op, e.route, e.errno) for e in refused], now)
+        for e in refused:
+            log.error("route %s %s refused: %s", e.op, e.route.text(), e.error)
+        for key, why in ops.conflicts.items():
+            log.error("route %s: %s", key[0], why)
+        if ops or ops.conflicts:
+            log.info("routes: %d deleted, %d written, %d refused, %d conflict(s)", len(ops.delete), len(ops.write),
+                     len(refused), len(ops.conflicts) + sum(1 for e in refused if e.op == "create" and e.errno == 17))
+        self.applied = True
+        return self._result(now)
+
+    def reconcile(self, inp: StageInput, p: RoutesPrep) -> "Computed | str":
+        """Read the kernel when needed and bring the desired side up to date; writes nothing. Returns
+        what is missing (a reason) when nothing may be written yet. `fabric plan` calls this too."""
+        cfg, now = p.cfg, inp.now
+        k = self._kernel(cfg)
+        dirty: frozenset[Prefix] | None = p.dirty
+        if cfg is not self._cfg:
+            with self._lock:
+                self.state = RouteState(ImportFilter(cfg))
+            self._cfg, dirty = cfg, None
+        assert self.state is not None
+        if inp.full or self.view is None or p.facts_changed or self.view.facts is None:
+            self.view = self._read(k, cfg)
+            self.rec.set_dataplane(self.view.owned, self.view.foreign)
+            dirty = None
+            if self.adopted is None:
+                self.adopted = dict(self.view.owned)
+                if self.adopted:
+                    log.info("adopted %d route(s) from a previous run: kept until the desired state is known and "
+                             "every peer sent End-of-RIB (or the graceful-restart time)", len(self.adopted))
+        view = self.view
+        if not inp.complete:
+            return "the source's first complete list"
+        if view.facts is None:
+            return view.facts_error or "the node's facts"
+        nodes = self.agent.store.snapshot("Node")
+        pods = local_pod_cidrs(cfg, nodes.get(cfg.node.name))
+        neighbors = p.neighbors
+        ibgp = [n.name for n in neighbors if n.kind == "external" and n.peer_as == n.local_as]
+        inputs = make_inputs(facts=view.facts, pools=cfg.pools, pod_cidrs=pods, nodes=nodes,
+                             kinds={n.name: n.kind for n in neighbors}, ibgp=ibgp,
+                             tunnel_device=cfg.dataplane.tunnel_device,
+                             per_peer_limits=any(pc.max_prefixes for pc in cfg.peers),
+                             external=peer_routing(cfg, neighbors), external_metric=cfg.dataplane.external_route_metric)
+        rib = self.agent.rib
+        with self._lock:
+            touched, rejections = self.state.update(inputs, nodes, dirty=None if dirty is None else set(dirty),
+                                                    all_routes=rib.routes, holders=rib.holders)
+            routes = self.state.routes
+            adopted = self.adopted if p.holding else {}
+            if touched is None:
+                desired = {r.id: r for r in routes.values()}
+                self._key_of = {d: r.id for d, r in routes.items()}
+                for key, r in (adopted or {}).items():
+                    desired.setdefault(key, r)
+                self.rec.set_desired(desired)
+            else:
+                changes: dict[RouteKey, Route | None] = {}
+                for pfx in touched:
+                    old, new = self._key_of.get(pfx), routes.get(pfx)
+                    if old is not None and (new is None or new.id != old):
+                        changes[old] = (adopted or {}).get(old)
+                    if new is not None:
+                        changes[new.id] = new
+                        self._key_of[pfx] = new.id
+                    else:
+                        self._key_of.pop(pfx, None)
+                self.rec.update_desired(changes)
+        for r in rejections:
+            log.warning("import rejected: %s", r)
+        return Computed(pods, inputs)
+
+    def _tunnel(self, k: RouteKernelLike, now: float, pods: list[Prefix]) -> None:
+        """tunl0 up with the tunnel MTU and our tunnel address (when any enabled pool uses IPIP)."""
+        assert self.state is not None and self.view is not None
+        if not self.state.tunnel_needed or self.tunnel_failures.waiting("tunnel", now):
+            return
+        mtu = self.state.tunnel_mtu
+        want = {a for a in [tunnel_address(pods)] if a is not None}
+        t = self.view.tunnel
+        try:
+            if t is None:
+                k.create_tunnel()
+                self.view = self._read(k, self._cfg)  # type: ignore[arg-type]
+                t = self.view.tunnel
+                if t is None:
+                    raise OSError("the tunnel device vanished right after it was created")
+            if not t.up or t.mtu != mtu:
+                k.set_link(t.index, mtu=mtu, up=True)
+            add, delete = want - t.owned - t.other, t.owned - want
+            errs = k.tunnel_address(t.index, add, delete) if add or delete else []
+            if errs:
+                dev = self._cfg.dataplane.tunnel_device if self._cfg else "tunnel"
+                raise OSError("; ".join(f"{op} {a}/32 on {dev}: {os.strerror(e)}" for op, a, e in errs))
+            self.view = dataclasses.replace(self.view, tunnel=dataclasses.replace(
+                t, up=True, mtu=mtu, owned=frozenset(want)))
+            if "tunnel" in self.tunnel_failures:
+                log.info("tunnel device ready again")
+            self.tunnel_failures.clear("tunnel")
+        except OSError as e:
+            f = self.tunnel_failures.fail("tunnel", f"tunnel device: {e}", now)
+            if f.attempts == 1:
+                log.error("%s (retrying with backoff)", f.error)
+
+    def _result(self, now: float, waiting: str | None = None) -> StageResult:
+        failures = {k: v["error"] for k, v in self.rec.problems().items()}
+        for f in self.tunnel_failures.items.values():
+            failures["tunnel"] = f.error
+        deadlines = [d for d in (self.rec.next_deadline(), self.tunnel_failures.next_deadline()) if d is not None]
+        warnings = [w for w in [self.facts_warning] if w]
+        with self._lock:
+            if self.state is not None and waiting is None:
+                warnings += self.state.warning_lines()
+                warnings += self.state.import_filter.active_rejections()
+            desired = len(self.state.routes) if self.state is not None else 0
+        status: dict[str, Any] = {
+            "desired": desired, "owned": len(self.rec.dataplane), "pending": len(self.rec.pending()),
+            "conflicts": sum(1 for f in self.rec.failures.items.values() if f.conflict),
+            "problems": self.rec.problems(), "warnings": warnings,
+            "errors": list(self.errors) + ([waiting] if waiting and self.view is not None
+                                            and waiting == self.view.facts_error else []),
+        }
+        if waiting:
+            status["waiting"] = waiting
+        return StageResult(failures=failures, next_deadline=min(deadlines) if deadlines else None, status=status)
+
+    # -- for the status snapshot (event loop) --------------------------------------------------------
+    def routes_snapshot(self) -> dict[Prefix, Route]:
+        with self._lock:
+            return dict(self.state.routes) if self.state is not None else {}
+
+    def tunnel_needed(self) -> bool:
+        with self._lock:
+            return bool(self.state and self.state.tunnel_needed)

@@ -1,0 +1,44 @@
+"""The services stage: Services/EndpointSlices -> IPVS + the service nftables table (loadbalancer/).
+
+On its own worker: a failing or hung service proxy (a stuck `nft`, an IPVS that refuses) never
+delays routes. Waits for the source's first complete list (an empty Store would mean "delete every
+service"). The proxy reports per-service failures and their retry deadlines; if it raises, the runner
+puts the changes back and retries with backoff.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fabric.stage import Stage, StageInput, StageResult
+from fabric.tracker import Changes
+
+
+class ServicesStage(Stage):
+    name = "services"
+    kinds = frozenset({"Service", "EndpointSlice"})
+    on_worker = True
+    needs_source = True
+
+    def __init__(self, agent: Any, factory: Callable[[Any], Any]) -> None:
+        self.agent = agent
+        self._factory = factory
+        self.sync: Any = None
+
+    def run(self, inp: StageInput, prepared: Any) -> StageResult:
+        if self.sync is None:
+            self.sync = self._factory(self.agent)
+        changes = Changes(inp.changes.keys, inp.changes.full or inp.full)
+        self.sync.sync(self.agent.store, changes, inp.full)
+        status = dict(self.sync.status()) if hasattr(self.sync, "status") else {}
+        errors = getattr(self.sync, "last_errors", {}) or {}
+        failures = {svc: "; ".join(errs) if isinstance(errs, list) else str(errs) for svc, errs in errors.items()}
+        deadline = self.sync.next_deadline(inp.now) if hasattr(self.sync, "next_deadline") else None
+        if getattr(self.sync, "warnings", None):
+            status.setdefault("warnings", list(self.sync.warnings))
+        return StageResult(failures=failures, next_deadline=deadline, status=status)
+
+    def close(self) -> None:
+        if self.sync is not None and hasattr(self.sync, "close"):
+            self.sync.close()

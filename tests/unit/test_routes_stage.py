@@ -1,0 +1,223 @@
+"""The routes stage on the fake kernel, driven directly (virtual time): adoption and the hold, a node
+address missing at start, foreign routes, a ToR's default route, failures injected at every step."""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address as A, IPv4Network as N
+from typing import Any
+
+import pytest
+
+from bgp.events import RoutesAnnounced, RoutesWithdrawn
+from bgp.exabgp_config import Neighbor
+from fabric import config as cfgmod
+from fabric.inputs import NodeInfo
+from fabric.lifecycle import Lifecycle, Phase
+from fabric.shared_rib import SharedRib
+from fabric.stage import StageInput
+from fabric.stages.routes import RoutesStage
+from fabric.tracker import Changes, Store
+from ipip.model import NextHop, Route
+from tests.unit.fakes import FakeKernel
+
+CFG = cfgmod.parse({"node": {"name": "a1", "address": "10.0.1.11/24", "podCIDRs": ["10.244.1.0/24"]},
+                    "pools": [{"cidr": "10.244.0.0/16", "ipipMode": "CrossSubnet"}],
+                    "peers": [{"name": "tor", "address": "10.0.1.1", "asn": 65000,
+                               "import": {"allow": ["0.0.0.0/0"], "allowDefaultRoute": True}}],
+                    "source": {"kind": "file", "path": "c.yaml"}})
+NODES = {"a1": NodeInfo(name="a1", address="10.0.1.11", podCIDRs=["10.244.1.0/24"]),
+         "a2": NodeInfo(name="a2", address="10.0.1.12", podCIDRs=["10.244.2.0/24"]),
+         "b1": NodeInfo(name="b1", address="10.0.2.21", podCIDRs=["10.244.3.0/24"])}
+
+
+def nb(name: str, addr: str, kind: str = "mesh", asn: int = 64512) -> Neighbor:
+    return Neighbor(name, A(addr), asn, 64512, A("10.0.1.11"), A("10.0.1.11"), 9, kind=kind)
+
+
+@dataclass
+class Shim:
+    cfg: Any = CFG
+    store: Store = field(default_factory=lambda: Store(default_consumer=False))
+    rib: SharedRib = field(default_factory=SharedRib)
+    neighbors: list = field(default_factory=lambda: [nb("a2", "10.0.1.12"), nb("b1", "10.0.2.21"),
+                                                     nb("tor", "10.0.1.1", "external", 65000)])
+    lifecycle: Lifecycle = field(default_factory=lambda: Lifecycle(60, Phase.RUNNING))
+
+
+def make(kernel: FakeKernel, shim: Shim | None = None) -> tuple[RoutesStage, Shim]:
+    shim = shim or Shim()
+    shim.store.replace("Node", NODES)
+    return RoutesStage(shim, lambda cfg: kernel, sysctls=False), shim
+
+
+def run(stage: RoutesStage, now: float, *, full: bool = False, complete: bool = True):
+    inp = StageInput(Changes(), full, now, complete)
+    p = stage.prepare(inp)
+    try:
+        return stage.run(inp, p)
+    except Exception:
+        stage.restore(inp, p)
+        raise
+
+
+def learn(shim: Shim, stage: RoutesStage, peer: str, nh: str, *prefixes: str) -> None:
+    ev = RoutesAnnounced(peer, A(nh), tuple(N(p) for p in prefixes))
+    shim.rib.apply(ev, 0)
+    stage.mark_dirty(ev.prefixes)
+
+
+def ours(k: FakeKernel) -> dict[str, str]:
+    return {f"{d}" + (f" m{m}" if m else ""): r.text() for (d, m), r in k.ours().items()}
+
+
+def test_learned_routes_and_blackhole_and_tunnel() -> None:
+    k = FakeKernel()
+    stage, shim = make(k)
+    learn(shim, stage, "a2", "10.0.1.12", "10.244.2.0/24")
+    learn(shim, stage, "b1", "10.0.2.21", "10.244.3.0/24")
+    res = run(stage, 0)
+    assert ours(k) == {"10.244.1.0/24": "blackhole 10.244.1.0/24",
+                       "10.244.2.0/24": "10.244.2.0/24 via 10.0.1.12 dev eth1",
+                       "10.244.3.0/24": "10.244.3.0/24 via 10.0.2.21 dev tunl0 onlink mtu 1480"}
+    assert k.tunnel is not None and k.tunnel.up and k.tunnel.mtu == 1480
+    assert k.tunnel.owned == {A("10.244.1.0")}  # the tunnel's own source address
+    assert res.failures == {} and res.next_deadline is None
+    # per change: a withdraw touches one key
+    writes = k.writes
+    shim.rib.apply(RoutesWithdrawn("a2", (N("10.244.2.0/24"),)), 1)
+    stage.mark_dirty([N("10.244.2.0/24")])
+    run(stage, 1)
+    assert "10.244.2.0/24" not in ours(k) and k.writes == writes + 1
+
+
+def test_tor_default_route_and_node_subnet_never_touch_the_nodes_own() -> None:
+    """Finding 1: a ToR announcing 0.0.0.0/0 and the node subnet (permissive filter)."""
+    k = FakeKernel()
+    node_default = Route(N("0.0.0.0/0"), nexthops=(NextHop(A("10.0.1.1"), "eth1"),))
+    connected = Route(N("10.0.1.0/24"))
+    k.add_foreign(node_default, proto=3)
+    k.add_foreign(connected, proto=2)
+    before = dict(k.routes)
+    stage, shim = make(k)
+    learn(shim, stage, "tor", "10.0.1.1", "0.0.0.0/0", "10.0.1.0/24", "10.0.9.0/24")
+    learn(shim, stage, "a2", "10.0.1.12", "10.244.2.0/24")
+    res = run(stage, 0)
+    assert {key: v for key, v in k.routes.items() if key in before} == before  # the node's own, untouched
+    got = ours(k)
+    assert got["0.0.0.0/0 m4096"] == "0.0.0.0/0 via 10.0.1.1 dev eth1 metric 4096"  # opted in: behind the node's
+    assert "10.0.1.0/24" not in got and "10.0.1.0/24 m4096" not in got  # node subnet: refused (no opt-in)
+    assert got["10.0.9.0/24 m4096"] == "10.0.9.0/24 via 10.0.1.1 dev eth1 metric 4096"
+    assert "10.244.2.0/24" in got  # the legitimate route next to it is fine
+    assert any("10.0.1.0/24" in w and "inside the node's own subnet" in w for w in res.status["warnings"])
+    # the ToR withdraws everything: only our routes go
+    shim.rib.apply(RoutesWithdrawn("tor", (N("0.0.0.0/0"), N("10.0.1.0/24"), N("10.0.9.0/24"))), 1)
+    stage.mark_all()
+    run(stage, 1)
+    assert {key: v for key, v in k.routes.items() if key in before} == before
+    assert set(ours(k)) == {"10.244.1.0/24", "10.244.2.0/24"}
+
+
+def test_blackhole_over_a_bridge_cnis_route_is_a_conflict_not_a_replace() -> None:
+    k = FakeKernel()
+    bridge = Route(N("10.244.1.0/24"))  # `10.244.1.0/24 dev cni0 proto kernel scope link`
+    k.add_foreign(bridge, proto=2)
+    stage, shim = make(k)
+    res = run(stage, 0)
+    assert k.routes[(N("10.244.1.0/24"), 0)] == (bridge, 2)
+    assert "another owner's route" in res.failures["10.244.1.0/24"]
+    assert res.status["conflicts"] == 1 and res.next_deadline == 1.0
+
+
+def test_node_address_missing_at_start_adopts_and_touches_nothing() -> None:
+    """Finding 3: the previous run's routes stay until peers are back, however late the address comes."""
+    k = FakeKernel(has_address=False)
+    old = {"10.244.2.0/24": Route(N("10.244.2.0/24"), nexthops=(NextHop(A("10.0.1.12"), "eth1"),)),
+           "10.244.3.0/24": Route(N("10.244.3.0/24"), nexthops=(NextHop(A("10.0.2.21"), "tunl0", True),), mtu=1480)}
+    for r in old.values():
+        k.routes[r.id] = (r, 80)
+    lc = Lifecycle(60)
+    stage, shim = make(k, Shim(lifecycle=lc))
+    res = run(stage, 0)
+    assert stage.adopted is not None and len(stage.adopted) == 2
+    assert "no interface holds the node address" in res.status["waiting"] and k.writes == 0
+    lc.adopt(2)
+    lc.update(0, source_complete=True, config_known=True, facts=stage.view.facts_error, neighbors={"a2", "b1"})
+    assert lc.phase is Phase.HOLDING
+    k.has_address = True  # the address appears; no peer is up yet (nothing learned)
+    stage.facts_changed()
+    run(stage, 5)
+    assert {str(d) for d, m in k.ours()} == {"10.244.1.0/24", "10.244.2.0/24", "10.244.3.0/24"}  # kept
+    lc.update(5, source_complete=True, config_known=True, facts=None, neighbors={"a2", "b1"})
+    assert lc.phase is Phase.HOLDING and lc.deadline() == 65
+    learn(shim, stage, "a2", "10.0.1.12", "10.244.2.0/24")
+    lc.end_of_rib("a2")
+    lc.end_of_rib("b1")  # b1 came back without 10.244.3.0/24: it goes when the hold ends
+    assert lc.update(6, source_complete=True, config_known=True, facts=None, neighbors={"a2", "b1"})
+    assert lc.phase is Phase.RUNNING
+    run(stage, 6, full=True)
+    assert {str(d) for d, m in k.ours()} == {"10.244.1.0/24", "10.244.2.0/24"}
+
+
+def test_nothing_is_written_before_the_source_is_complete() -> None:
+    k = FakeKernel()
+    k.routes[(N("10.244.9.0/24"), 0)] = (Route(N("10.244.9.0/24"), nexthops=(NextHop(A("10.0.1.12"), "eth1"),)), 80)
+    stage, shim = make(k)
+    res = run(stage, 0, complete=False)
+    assert res.status["waiting"] == "the source's first complete list" and k.writes == 0
+    assert stage.adopted is not None and len(stage.adopted) == 1
+
+
+def test_holding_keeps_adopted_routes_through_per_change_updates() -> None:
+    k = FakeKernel()
+    adopted = Route(N("10.244.3.0/24"), nexthops=(NextHop(A("10.0.2.21"), "tunl0", True),), mtu=1480)
+    k.routes[adopted.id] = (adopted, 80)
+    stage, shim = make(k, Shim(lifecycle=Lifecycle(60)))
+    run(stage, 0)
+    learn(shim, stage, "b1", "10.0.2.21", "10.244.3.0/24")
+    run(stage, 1)
+    shim.rib.apply(RoutesWithdrawn("b1", (N("10.244.3.0/24"),)), 2)
+    stage.mark_dirty([N("10.244.3.0/24")])
+    run(stage, 2)
+    assert k.ours()[adopted.id] == adopted  # withdrawn while holding: the adopted route stays
+
+
+@pytest.mark.parametrize("scenario", ["read-timeout", "write-refused-once", "foreign-then-gone"])
+def test_failures_converge_within_a_few_runs(scenario: str) -> None:
+    k = FakeKernel()
+    stage, shim = make(k)
+    learn(shim, stage, "a2", "10.0.1.12", "10.244.2.0/24")
+    if scenario == "read-timeout":
+        k.fail_next_reads = 1
+        with pytest.raises(TimeoutError):
+            run(stage, 0)  # the runner retries with backoff; nothing was written meanwhile
+        assert k.writes == 0
+    elif scenario == "write-refused-once":
+        k.fail_next_writes = 1
+    else:
+        k.add_foreign(Route(N("10.244.2.0/24"), "blackhole"), proto=4)
+    now = 0.0
+    for i in range(3):
+        res = run(stage, now)
+        if scenario == "foreign-then-gone" and i == 0:
+            del k.routes[(N("10.244.2.0/24"), 0)]
+        now = res.next_deadline or now + 1
+    assert set(ours(k)) == {"10.244.1.0/24", "10.244.2.0/24"} and res.failures == {}
+
+
+def test_a_permanently_refused_route_costs_one_write_per_backoff_step() -> None:
+    k = FakeKernel(refuse={N("10.244.2.0/24"): errno.EINVAL})
+    k.create_tunnel()
+    stage, shim = make(k)
+    learn(shim, stage, "a2", "10.0.1.12", "10.244.2.0/24")
+    learn(shim, stage, "b1", "10.0.2.21", "10.244.3.0/24")
+    now, runs = 0.0, 0
+    while now < 120:
+        res = run(stage, now)
+        runs += 1
+        now = res.next_deadline
+    assert k.reads == 1  # never escalated to a re-read of the kernel
+    assert k.attempts[N("10.244.2.0/24")] == runs == 7  # at 0, 1, 3, 7, 15, 31, 63 s (then 123 > 120)
+    assert k.attempts[N("10.244.3.0/24")] == 1
+    assert "10.244.2.0/24" in res.failures and "Invalid argument" in res.failures["10.244.2.0/24"]
