@@ -100,6 +100,7 @@ class Agent:
         self._monitor: Any = None
         self._status_at = 0.0
         self._status_handle: asyncio.TimerHandle | None = None
+        self._stall_handle: asyncio.TimerHandle | None = None
         self._hold_timer: asyncio.TimerHandle | None = None
         self._last_phase: Phase | None = None
 
@@ -444,6 +445,15 @@ class Agent:
             status_mod.write(self.run_dir, self.snapshot())
         except OSError as e:
             log.error("cannot write status: %s", e)
+        # A run in progress produces no result to trigger a write: rewrite when it would count as stalled.
+        if self.runner is not None and self._loop is not None and not self._stop.is_set():
+            now = self.clock()
+            due = [st.run_started + self.runner.stage_timeout for st in self.runner.states.values()
+                   if st.future is not None and st.run_started is not None
+                   and st.run_started + self.runner.stage_timeout > now]
+            if self._stall_handle is not None:
+                self._stall_handle.cancel()
+            self._stall_handle = self._loop.call_later(min(due) - now + 0.05, self._schedule_status) if due else None
 
 
 class _ThreadSourceAdapter:

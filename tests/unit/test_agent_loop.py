@@ -5,6 +5,7 @@ a source that is not complete yet, two Nodes with one address, an empty or partl
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from ipaddress import IPv4Address as A, IPv4Network as N
 from pathlib import Path
@@ -130,6 +131,9 @@ def test_a_hung_service_stage_fails_healthz_while_routes_keep_converging(tmp_pat
         took = time.monotonic() - t0
         assert 0.4 < took < 1.5, took  # the documented bound: health.stageTimeout (0.5 s here)
         assert "stage services: a run has been going for" in agent._health("/healthz")[1]
+        status_file = tmp_path / "run" / "status.json"
+        await until("status.json says stalled", lambda: json.loads(status_file.read_text())["stages"]["services"]
+                    ["stalled"], timeout=3)
         # routes and BGP meanwhile: a new node peers, its route is installed
         await until("c1 neighbor", lambda: "c1" in {n.name for n in h.speaker.neighbors})
         learn(agent, "c1", "10.0.1.13", "10.244.4.0/24")
