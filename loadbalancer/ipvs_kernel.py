@@ -16,7 +16,9 @@ its destinations), plus one generic netlink service dump for schedulers, flags a
 timeouts. A few virtual servers (a failed service's, retried alone) are read with one get each.
 
 Nothing here waits without a bound: every netlink socket has a receive timeout (RECV_TIMEOUT) and
-every command (nft, conntrack) a deadline after which its whole process group is killed.
+every command (nft, conntrack) a deadline after which its whole process group is killed. The netlink
+plumbing (sockets with deadlines, pipelined acks, single requests and dumps) is ipip.netlink, the one
+module the route adapter uses too.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ipip.netlink import CHUNK_BYTES, RECV_TIMEOUT, open_netlink, pipeline, request  # noqa: F401 (re-exported)
+from ipip.netlink import attr_list as _attrs, header as _header, nla as _nla
 from loadbalancer.health import HealthServers
 from loadbalancer.netns import NetnsThread
 from loadbalancer.types import (PROTO_NAMES, PROTOCOLS, SVC_F_OPTIONS, SVC_F_PERSISTENT, RealKey, RealServer,
@@ -47,15 +51,8 @@ ATTR_SERVICE, ATTR_DEST = 1, 2
 SVC_AF, SVC_PROTOCOL, SVC_ADDR, SVC_PORT, SVC_SCHED, SVC_FLAGS, SVC_TIMEOUT, SVC_NETMASK = 1, 2, 3, 4, 6, 7, 8, 9
 DST_ADDR, DST_PORT, DST_FWD, DST_WEIGHT, DST_UTHRESH, DST_LTHRESH, DST_AF = 1, 2, 3, 4, 5, 6, 11
 FWD_MASQ, FWD_MASK = 0, 0x7
-CHUNK_BYTES = 32 * 1024  # one sendmsg; far below the socket's send buffer
-RECV_TIMEOUT = 5.0  # seconds one netlink read may wait for the kernel's next answer
 NFT_TIMEOUT = 30.0  # one `nft -f` transaction (a full table of 10k services loads in well under a second)
 CONNTRACK_TIMEOUT = 10.0  # one `conntrack -D`
-
-
-def _nla(t: int, payload: bytes) -> bytes:
-    n = 4 + len(payload)
-    return struct.pack("=HH", n, t) + payload + b"\0" * ((4 - n % 4) % 4)
 
 
 def _svc_attrs(proto: str, addr: str, port: int, full: VirtualServer | None = None) -> bytes:
@@ -133,50 +130,6 @@ class OpError:
 
     def __str__(self) -> str:
         return f"{self.op.what}: {os.strerror(self.errno)}"
-
-
-def open_netlink(proto: int, timeout: float = RECV_TIMEOUT) -> socket.socket:
-    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, proto)
-    try:
-        s.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)  # acks carry only the header, not our request
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        s.bind((0, 0))
-        s.settimeout(timeout)  # every recv (and send) on it gives up after this long
-    except BaseException:
-        s.close()
-        raise
-    return s
-
-
-def request(sock: socket.socket, msg: bytes, seq: int, what: str) -> list[tuple[int, bytes]]:
-    """Send one request (a get with NLM_F_ACK, or a dump) and return its answers as (type, body after the
-    netlink header) until the ack or NLMSG_DONE. Raises OSError with the kernel's errno, TimeoutError
-    naming `what` when the kernel does not answer within the socket's timeout."""
-    sock.sendto(msg, (0, 0))
-    out: list[tuple[int, bytes]] = []
-    while True:
-        try:
-            data = sock.recv(1 << 20)
-        except TimeoutError:
-            raise TimeoutError(errno.ETIMEDOUT, f"{what}: no answer from the kernel within {sock.gettimeout():g} s") \
-                from None
-        off = 0
-        while off + 16 <= len(data):
-            ln, typ, _fl, mseq, _pid = struct.unpack_from("=IHHII", data, off)
-            if mseq == seq:
-                if typ == NLMSG_DONE:
-                    return out
-                if typ == NLMSG_ERROR:
-                    (err,) = struct.unpack_from("=i", data, off + 16)
-                    if err:
-                        raise OSError(-err, f"{what}: {os.strerror(-err)}")
-                    return out
-                out.append((typ, data[off + 16:off + ln]))
-            off += (ln + 3) & ~3 if ln else len(data)
-
-
-def _header(typ: int, flags: int, seq: int, body: bytes) -> bytes:
-    return struct.pack("=IHHII", 16 + len(body), typ, NLM_F_REQUEST | flags, seq, 0) + body
 
 
 class IPVSWriter:
@@ -263,17 +216,6 @@ class IPVSWriter:
         return out
 
 
-def _attrs(buf: bytes) -> list[tuple[int, bytes]]:
-    out, off = [], 0
-    while off + 4 <= len(buf):
-        n, t = struct.unpack_from("=HH", buf, off)
-        if n < 4:
-            break
-        out.append((t, buf[off + 4:off + n]))
-        off += (n + 3) & ~3
-    return out
-
-
 def _service_from_attrs(buf: bytes) -> tuple[VSKey, tuple[str, int, int]] | None:
     a = {t & 0x7FFF: v for t, v in _attrs(buf)}
     if SVC_ADDR not in a or struct.unpack("=H", a.get(SVC_AF, b"\0\0"))[0] != socket.AF_INET:
@@ -298,48 +240,6 @@ def _dest_from_attrs(buf: bytes) -> RealServer | None:
     weight = struct.unpack("=I", a[DST_WEIGHT])[0] if DST_WEIGHT in a else 0
     return RealServer(socket.inet_ntoa(a[DST_ADDR][:4]), struct.unpack("!H", a[DST_PORT])[0],
                       weight if fwd == FWD_MASQ else -1)
-
-
-def pipeline(sock: socket.socket, msgs: list[tuple[bytes, int, object]]) -> list[tuple[object, int]]:
-    """Send netlink requests (bytes, seq, tag) many per sendmsg and collect their acks after each chunk.
-
-    Returns (tag, errno) for every request the kernel refused; the others went through. When the kernel
-    stops answering (the socket's timeout), the unanswered requests and the unsent rest get ETIMEDOUT.
-    """
-    errors: list[tuple[object, int]] = []
-    i = 0
-    while i < len(msgs):
-        buf: list[bytes] = []
-        pending: dict[int, object] = {}
-        size = 0
-        while i < len(msgs) and size < CHUNK_BYTES:
-            data, seq, tag = msgs[i]
-            buf.append(data)
-            pending[seq] = tag
-            size += len(data)
-            i += 1
-        try:
-            sock.sendto(b"".join(buf), (0, 0))
-            _collect(sock, pending, errors)
-        except TimeoutError:
-            return errors + [(tag, errno.ETIMEDOUT) for tag in pending.values()] \
-                + [(tag, errno.ETIMEDOUT) for _, _, tag in msgs[i:]]
-    return errors
-
-
-def _collect(sock: socket.socket, pending: dict[int, object], errors: list[tuple[object, int]]) -> None:
-    """Read acks until every pending request has one (taking each off `pending`)."""
-    while pending:
-        data = sock.recv(1 << 20)
-        off = 0
-        while off + 16 <= len(data):
-            ln, typ, _fl, seq, _pid = struct.unpack_from("=IHHII", data, off)
-            if typ == NLMSG_ERROR and seq in pending:
-                (err,) = struct.unpack_from("=i", data, off + 16)
-                tag = pending.pop(seq)
-                if err:
-                    errors.append((tag, -err))
-            off += (ln + 3) & ~3 if ln else len(data)
 
 
 RTM_NEWLINK, RTM_GETLINK, RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 16, 18, 20, 21, 22
