@@ -153,10 +153,11 @@ class MeshLab:
         self.config_path(n).write_text(yaml.safe_dump(doc))
 
     # -- agents ------------------------------------------------------------------------------
-    def start_agent(self, n: Node) -> None:
+    def start_agent(self, n: Node, env: dict[str, str] | None = None) -> None:
         log = open(self.workdir / f"{n.name}.log", "ab")
         n.proc = subprocess.Popen(["ip", "netns", "exec", n.ns, FABRIC, "agent", "-c", str(self.config_path(n))],
-                                  stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+                                  stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+                                  env=None if env is None else {**os.environ, **env})
         log.close()
 
     def start(self) -> "MeshLab":

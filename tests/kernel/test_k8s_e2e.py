@@ -6,9 +6,13 @@ and NODE_NAME set, and no pod CIDRs in their config files: pod CIDRs come from t
 `spec.podCIDRs`, pools from IPPool objects. The API server listens on the router's 10.0.1.1:6443
 (reachable from both racks); the test drives it through its control socket.
 
+The router also runs a top-of-rack BGP speaker (real FRR, graceful restart) that rack A's agents peer
+with (a peer of their config files, so known before any list): it is where the pod CIDRs are announced.
+
 The tests run in file order on one lab: a node joins, a service appears, watches break and expire,
-the API server goes away and comes back, bad custom resources are refused, then everything is
-deleted again.
+the API server goes away and comes back (also while an agent restarts: the ToR must not flush that
+node's pod CIDR, finding 5), `fabric plan` on the Kubernetes source finds nothing to change, bad custom
+resources are refused, then everything is deleted again.
 """
 
 from __future__ import annotations
@@ -16,16 +20,21 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 import yaml
 
+from fabric.lab import frr as lab_frr
+from fabric.lab.kinds import FrrSpec
+from fabric.lab.procs import Processes
 from tests.fakeapi.control import FakeApiControl
 from tests.kernel.meshlab import FABRIC, MeshLab, Node, sh, wait_for
 
@@ -35,6 +44,20 @@ ROOT = Path(__file__).resolve().parents[2]
 API_ADDR = "10.0.1.1:6443"
 CLUSTER_IP = "10.96.0.10"
 CONVERGE = 90  # seconds: BGP sessions of Python speakers sharing the lab kernel's one CPU
+TOR_CONF = """frr defaults traditional
+hostname tor
+router bgp 65000
+ bgp router-id 10.0.1.1
+ no bgp ebgp-requires-policy
+ bgp graceful-restart
+ bgp graceful-restart stalepath-time 300
+ neighbor 10.0.1.11 remote-as 64512
+ neighbor 10.0.1.11 timers 3 9
+ neighbor 10.0.1.11 timers connect 1
+ neighbor 10.0.1.12 remote-as 64512
+ neighbor 10.0.1.12 timers 3 9
+ neighbor 10.0.1.12 timers connect 1
+"""
 
 
 def k8s_node(n: Node) -> dict[str, Any]:
@@ -97,6 +120,8 @@ class K8sLab(MeshLab):
             "paths": {"runDir": f"run-{n.name}"},
             "health": {"listen": None},
         }
+        if n.rack == "a":
+            doc["peers"] = [{"name": "rack-tor", "address": "10.0.1.1", "asn": 65000}]
         self.config_path(n).write_text(yaml.safe_dump(doc))
 
     def start_api(self) -> None:
@@ -157,6 +182,14 @@ class K8sLab(MeshLab):
         return list(self.status(n).get("warnings", []))
 
 
+def mesh_established(lab: K8sLab, n: Node) -> set[str]:
+    return {p["name"] for p in lab.status(n).get("peers", []) if p.get("state") == "established" and p["kind"] == "mesh"}
+
+
+def tor_routes(lab: K8sLab) -> str:
+    return sh(f"ip -n {lab.router} route show proto bgp").stdout
+
+
 def routed(lab: K8sLab, n: Node, to: Node) -> bool:
     return f"{to.pod_cidr} via {to.address} dev {'eth1' if n.rack == to.rack else 'tunl0'}" in lab.routes(n)
 
@@ -201,8 +234,14 @@ class RouteMonitor:
 def lab() -> Iterator[K8sLab]:
     nodes = [Node("a1", "a", 1, "10.0.1.11"), Node("a2", "a", 2, "10.0.1.12"), Node("b1", "b", 3, "10.0.2.21")]
     m = K8sLab(nodes, hold_time=9, gr_time=60)
+    procs = Processes()
     try:
         m.build()
+        conf = m.workdir / "tor.conf"
+        conf.write_text(TOR_CONF)
+        names = lab_frr.start(procs, "tor", m.router, FrrSpec(config=conf, daemons=("bgpd",)), m.workdir, None)
+        lab_frr.wait_ready(m.router, names, time.monotonic() + 30, lambda: True)
+        lab_frr.load_config("tor", m.router, conf, m.workdir / "vtysh.log")
         m.start_api()
         api = m.control
         api.apply("IPPool", ip_pool("CrossSubnet"))
@@ -217,7 +256,9 @@ def lab() -> Iterator[K8sLab]:
             raise
         yield m
     finally:
+        procs.stop_all()
         m.close()
+        lab_frr.cleanup(m.router)
 
 
 @contextlib.contextmanager
@@ -259,8 +300,9 @@ def test_node_object_makes_every_agent_peer_and_route(lab: K8sLab) -> None:
     finally:
         seen = monitor.stop()
     assert any(line.startswith(f"{a2.pod_cidr} via {a2.address} dev eth1") for line in seen["a1"]), seen
-    wait_for(lambda: all(lab.established(n) == {m.name for m in lab.nodes if m is not n} for n in lab.nodes), 30,
-             "every agent's status to show its sessions to the two others established")
+    wait_for(lambda: all(mesh_established(lab, n) == {m.name for m in lab.nodes if m is not n} for n in lab.nodes),
+             30, "every agent's status to show its sessions to the two others established")
+    wait_for(lambda: all(n.pod_cidr in tor_routes(lab) for n in (a1, a2)), 30, "the ToR to route rack A's pods")
     # a2's own pod CIDR came from its Node object: it blackholes the unused part of it
     assert f"blackhole {a2.pod_cidr} proto 80" in lab.routes(a2)
     assert lab.ping(a2, b1) and lab.ping(b1, a2) and lab.ping(a1, a2)
@@ -350,26 +392,59 @@ def test_agent_restarted_while_api_server_is_down_touches_nothing(lab: K8sLab) -
     a1, b1 = lab.node("a1"), lab.node("b1")
     before = lab.dataplane()
     monitor = RouteMonitor(lab)
+    assert a1.pod_cidr in tor_routes(lab)
+    tor_mon = subprocess.Popen(["ip", "-n", lab.router, "monitor", "route"], stdout=subprocess.PIPE, text=True)
+    lab.extra_procs.append(tor_mon)
+    # the ToR's own traffic to a1's pod, through the route it learned from a1 (finding 5)
+    ping = subprocess.Popen(["ip", "netns", "exec", lab.router, "ping", "-i", "0.005", "-W", "1", "-q", a1.pod_ip],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lab.extra_procs.append(ping)
     try:
+        time.sleep(1)
         lab.stop_api()
         started = lab.status(a1)["started"]
         lab.kill_agent(a1, signal.SIGTERM)  # routes and IPVS stay in the kernel (graceful restart)
         lab.start_agent(a1)
         wait_for(lambda: lab.status(a1).get("started", started) > started, 30, "the new a1 agent's first status")
-        assert lab.dataplane() == before, "a restarted agent acted on an empty Store"
+        # it peers with the ToR (a peer of its config file) but sends no End-of-RIB: nothing is known yet
+        wait_for(lambda: "rack-tor" in lab.established(a1), CONVERGE, "the new a1 agent's session to the ToR")
+        time.sleep(3)
+        assert a1.pod_cidr in tor_routes(lab), "the ToR flushed a1's pod CIDR"
         st = lab.status(a1)
+        assert st["speaker"]["endOfRib"].startswith("withheld"), st["speaker"]
+        assert lab.dataplane() == before, "a restarted agent acted on an empty Store"
         assert not st["ready"] and any("Kubernetes API" in w for w in st["warnings"]), st["warnings"]
         lab.start_api()
-        wait_for(lambda: lab.status(a1).get("ready") and lab.established(a1) == {"a2", "b1"}, CONVERGE,
+        wait_for(lambda: lab.status(a1).get("ready") and mesh_established(lab, a1) == {"a2", "b1"}, CONVERGE,
                  "the new a1 agent to list and peer again")
         wait_for(lambda: not lab.status(a1).get("adoptedHold"), CONVERGE, "a1's startup hold to end")
+        wait_for(lambda: lab.status(a1)["speaker"]["endOfRib"] == "sent", 30, "a1's End-of-RIB")
+        time.sleep(1)
         assert lab.dataplane() == before
     finally:
         seen = monitor.stop()
         if lab.api is None:
             lab.start_api()
+        ping.send_signal(signal.SIGINT)
+        out = ping.communicate(timeout=20)[0]
+        tor_mon.terminate()
+        tor_seen = tor_mon.communicate(timeout=10)[0]
     assert seen == {n.name: [] for n in lab.nodes}, f"routes deleted/re-added across the restart: {seen}"
+    assert not [ln for ln in tor_seen.splitlines() if ln.startswith("Deleted") and a1.pod_cidr in ln], tor_seen
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    assert m and int(m.group(1)) > 1000 and m.group(1) == m.group(2), out
     assert lab.ping(a1, b1)
+
+
+@with_diagnosis
+def test_plan_on_the_kubernetes_source_finds_nothing_to_change(lab: K8sLab) -> None:
+    """`fabric plan` runs the agent's routes stage on one complete list from the API server."""
+    a1 = lab.node("a1")
+    r = subprocess.run(["ip", "netns", "exec", a1.ns, FABRIC, "plan", "-c", str(lab.config_path(a1))],
+                       capture_output=True, text=True, env=dict(os.environ, NODE_NAME="a1"), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "changes: 0 delete, 0 replace" in r.stdout, r.stdout
+    assert "a2" in r.stdout and "b1" in r.stdout and "rack-tor" in r.stdout
 
 
 @with_diagnosis

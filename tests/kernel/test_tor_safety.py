@@ -1,0 +1,154 @@
+"""A top-of-rack router (real FRR) offering what a node must never take on faith (findings 1, 9 and the
+refused-route acceptance), with real traffic between pods throughout:
+
+- 0.0.0.0/0 and the node's own subnet, with a permissive import filter (allow 0.0.0.0/0): the node's own
+  default and connected routes are untouched before, during and after the announcement and its
+  withdrawal; the default (opted in) sits behind the node's own at the external metric; the subnet is
+  refused. A bridge-style CNI's connected route over the node's pod CIDR is not replaced by our blackhole.
+- next hops: one off-subnet (single-hop eBGP: unusable, never resolved through the default route), one
+  third-party on the subnet (used), one the kernel refuses (the subnet's broadcast address): retried
+  alone with backoff, the agent idle meanwhile, status naming the route.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from fabric.lab import frr as lab_frr
+from fabric.lab.kinds import FrrSpec
+from fabric.lab.procs import Processes
+from tests.kernel.meshlab import MeshLab, Node, sh, wait_for
+from tests.kernel.test_graceful_restart import Ping
+
+pytestmark = pytest.mark.kernel
+
+TOR_CONF = """frr defaults traditional
+hostname tor
+ip prefix-list OFFNET seq 5 permit 10.0.8.0/24
+ip prefix-list THIRD seq 5 permit 10.0.6.0/24
+ip prefix-list BCAST seq 5 permit 10.0.5.0/24
+route-map OUT permit 10
+ match ip address prefix-list OFFNET
+ set ip next-hop 10.0.7.1
+route-map OUT permit 20
+ match ip address prefix-list THIRD
+ set ip next-hop 10.0.1.5
+route-map OUT permit 30
+ match ip address prefix-list BCAST
+ set ip next-hop 10.0.1.255
+route-map OUT permit 40
+router bgp 65000
+ bgp router-id 10.0.1.1
+ no bgp ebgp-requires-policy
+ no bgp network import-check
+ neighbor 10.0.1.11 remote-as 64512
+ neighbor 10.0.1.11 timers 3 9
+ neighbor 10.0.1.11 timers connect 1
+ address-family ipv4 unicast
+  network 0.0.0.0/0
+  network 10.0.1.0/24
+  network 10.0.9.0/24
+  network 10.0.8.0/24
+  network 10.0.6.0/24
+  network 10.0.5.0/24
+  neighbor 10.0.1.11 route-map OUT out
+ exit-address-family
+"""
+
+
+def overrides(n: Node) -> dict:
+    if n.name != "a1":
+        return {}
+    return {"peers": [{"name": "tor", "address": "10.0.1.1", "asn": 65000,
+                       "import": {"allow": ["0.0.0.0/0"], "allowDefaultRoute": True}}]}
+
+
+def node_routes(lab: MeshLab, n: Node) -> set[str]:
+    """Every route of the main table that is not ours, as `ip route` prints it."""
+    return {line.strip() for line in sh(f"ip -n {n.ns} route show").stdout.splitlines() if " proto 80" not in line}
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(") ", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def agent_pid(lab: MeshLab, n: Node) -> int:
+    """The agent process itself (`ip netns exec` execs it, so it is the Popen's pid)."""
+    assert n.proc is not None
+    return n.proc.pid
+
+
+def test_tor_cannot_take_over_the_nodes_routing_and_next_hops_are_checked() -> None:
+    nodes = [Node("a1", "a", 1, "10.0.1.11"), Node("a2", "a", 2, "10.0.1.12")]
+    lab = MeshLab(nodes, agent_overrides=overrides).build()
+    procs = Processes()
+    a1, a2 = nodes
+    try:
+        # a bridge CNI's route over a1's whole pod CIDR (the pod itself keeps its /32)
+        sh(f"ip -n {a1.ns} link add cni0 type bridge; ip -n {a1.ns} link set cni0 up;"
+           f"ip -n {a1.ns} route add {a1.pod_cidr} dev cni0 proto kernel scope link")
+        own = node_routes(lab, a1)
+        assert any(r.startswith("default via 10.0.1.1") for r in own) and \
+            any(r.startswith("10.0.1.0/24 dev eth1 proto kernel") for r in own), own
+        lab.start()
+        wait_for(lambda: lab.converged() or a2.pod_cidr in lab.routes(a1), 90, "a1 to route a2's pods")
+        wait_for(lambda: f"blackhole {a2.pod_cidr}" in lab.routes(a2) and a1.pod_cidr in lab.routes(a2), 60,
+                 "a2 to route a1's pods")
+        ping = Ping(lab, a1, a2)
+        try:
+            conf = lab.workdir / "tor.conf"
+            conf.write_text(TOR_CONF)
+            names = lab_frr.start(procs, "tor", lab.router, FrrSpec(config=conf, daemons=("bgpd",)), lab.workdir,
+                                  None)
+            lab_frr.wait_ready(lab.router, names, time.monotonic() + 30, lambda: True)
+            lab_frr.load_config("tor", lab.router, conf, lab.workdir / "vtysh.log")
+            wait_for(lambda: "tor" in lab.established(a1), 60, "a1's session to the ToR")
+            wait_for(lambda: "10.0.9.0/24 via 10.0.1.1 dev eth1 proto 80 metric 4096" in lab.routes(a1), 30,
+                     "the ToR's 10.0.9.0/24 behind the node's routes")
+            routes = lab.routes(a1)
+            assert "default via 10.0.1.1 dev eth1 proto 80 metric 4096" in routes  # opted in: behind the node's
+            assert "10.0.6.0/24 via 10.0.1.5 dev eth1 proto 80 metric 4096" in routes  # third party, connected
+            assert "10.0.8.0/24" not in routes  # off-subnet next hop of a single-hop eBGP peer: unusable
+            assert "10.0.1.0/24 via" not in routes  # the node's subnet: refused
+            assert node_routes(lab, a1) == own, "the node's own routes changed"
+            st = lab.status(a1)
+            warnings = "\n".join(st["warnings"])
+            assert "10.0.1.0/24" in warnings and "inside the node's own subnet" in warnings, warnings
+            assert "10.0.8.0/24 from tor: next hop 10.0.7.1 is not on a connected network" in warnings, warnings
+            problems = st["stages"]["routes"]["problems"]
+            assert problems[a1.pod_cidr]["conflict"] is True, problems  # the CNI's route, not replaced
+            # the route the kernel refuses (gateway = the subnet's broadcast address): named, retried alone
+            wait_for(lambda: "10.0.5.0/24 metric 4096" in lab.status(a1)["stages"]["routes"]["problems"], 10,
+                     "status to name the refused route")
+            p = lab.status(a1)["stages"]["routes"]["problems"]["10.0.5.0/24 metric 4096"]
+            assert not p["conflict"] and "Invalid argument" in p["error"], p
+            t0, n0 = time.monotonic(), p["attempts"]
+            cpu0 = cpu_seconds(agent_pid(lab, a1))
+            time.sleep(12)
+            cpu1 = cpu_seconds(agent_pid(lab, a1))
+            n1 = lab.status(a1)["stages"]["routes"]["problems"]["10.0.5.0/24 metric 4096"]["attempts"]
+            # backoff 1, 2, 4, 8, 16 s ...: 12 s later at most 3 more attempts (one per step), CPU idle
+            assert n1 - n0 <= 3, (n0, n1)
+            assert (cpu1 - cpu0) / (time.monotonic() - t0) < 0.05, (cpu1 - cpu0)
+            # the ToR withdraws the default route and the subnet
+            sh(f"vtysh -N {lab.router} -c 'conf t' -c 'router bgp 65000' -c 'address-family ipv4 unicast' "
+               "-c 'no network 0.0.0.0/0' -c 'no network 10.0.1.0/24'")
+            wait_for(lambda: "default via 10.0.1.1 dev eth1 proto 80" not in lab.routes(a1), 30,
+                     "our copy of the ToR's default route to go")
+            assert node_routes(lab, a1) == own, "the node's own routes changed after the withdrawal"
+            assert "10.0.9.0/24 via 10.0.1.1" in lab.routes(a1)
+        finally:
+            sent, received = ping.stop()
+        assert sent > 200 and sent == received, f"{sent - received} of {sent} lost between pods\n{lab.log_tail(a1)}"
+        rib = json.loads(lab_frr.show_json(lab.router, "show bgp ipv4 unicast json"))["routes"]
+        assert a1.pod_cidr in rib  # and the ToR has the node's pod CIDR
+    finally:
+        procs.stop_all()
+        lab.close()
+        lab_frr.cleanup(lab.router)
