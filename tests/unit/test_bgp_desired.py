@@ -162,3 +162,27 @@ def test_export_filter_that_denies_everything_leaves_an_announcement_with_no_tar
     c = make_cfg(peers=[TOR])
     ns, _ = desired_neighbors(c, NODES)
     assert desired_announcements(c, [N("10.244.1.0/24")], ns)[N("10.244.1.0/24")].neighbors is None
+
+
+def test_each_node_and_peer_is_judged_alone() -> None:
+    """Finding 8: two Nodes with one address skip one of them; every other neighbor is still there, and
+    a neighbor that can't be turned into config is skipped alone (it used to freeze every change)."""
+    from bgp.exabgp_config import validate
+
+    nodes = dict(NODES)
+    nodes["a2-clone"] = NodeInfo(name="a2-clone", address="10.0.1.12", podCIDRs=["10.244.9.0/24"])
+    nodes["c1"] = NodeInfo(name="c1", address="10.0.1.13", podCIDRs=["10.244.4.0/24"])
+    nodes["odd"] = NodeInfo(name="odd", address="10.0.1.11", podCIDRs=[])  # this node's own address
+    ns, problems = desired_neighbors(make_cfg(), nodes)
+    assert [n.name for n in ns] == ["a2", "b1", "c1"]
+    assert problems == ["Node/a2-clone: address 10.0.1.12 is also node a2's; skipped (one of them is wrong)",
+                        "Node/odd: address 10.0.1.11 is this node's own; skipped"]
+    validate(ns)  # the speaker accepts the set
+    # the one already a neighbor keeps the address, whatever the names
+    ns, _ = desired_neighbors(make_cfg(), nodes, previous=["a2-clone", "b1"])
+    assert [n.name for n in ns] == ["a2-clone", "b1", "c1"]
+    # a peer whose definition the speaker refuses (hold time 0 < x < 3 can't reach it; a name with a space can)
+    c = make_cfg(peers=[{"name": "tor", "address": "10.0.1.1", "asn": 65000}])
+    ns, problems = desired_neighbors(c, {**NODES, "bad node": NodeInfo(name="bad node", address="10.0.1.77")})
+    assert "bad node" not in [n.name for n in ns] and "tor" in [n.name for n in ns]
+    assert any(p.startswith("neighbor 'bad node': name") for p in problems), problems

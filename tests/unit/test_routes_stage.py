@@ -221,3 +221,21 @@ def test_a_permanently_refused_route_costs_one_write_per_backoff_step() -> None:
     assert k.attempts[N("10.244.2.0/24")] == runs == 7  # at 0, 1, 3, 7, 15, 31, 63 s (then 123 > 120)
     assert k.attempts[N("10.244.3.0/24")] == 1
     assert "10.244.2.0/24" in res.failures and "Invalid argument" in res.failures["10.244.2.0/24"]
+
+
+def test_ip_forward_is_written_only_once_the_node_address_is_there(monkeypatch) -> None:
+    """Finding 11: a node whose configured address is not on any interface is not touched at all."""
+    from fabric.stages import routes as routes_mod
+
+    written: list[tuple[str, str]] = []
+    monkeypatch.setattr(routes_mod, "set_sysctl", lambda name, value: written.append((name, value)))
+    k = FakeKernel(has_address=False)
+    shim = Shim()
+    shim.store.replace("Node", NODES)
+    stage = RoutesStage(shim, lambda cfg: k, sysctls=True)
+    run(stage, 0)
+    assert written == [] and k.writes == 0
+    k.has_address = True
+    stage.facts_changed()
+    run(stage, 1)
+    assert written == [("net.ipv4.ip_forward", "1")]
