@@ -24,10 +24,14 @@ OWNED_FILE = "ipvs-owned"  # in paths.runDir: the IPVS virtual servers this agen
 
 
 class ServiceSync:
-    def __init__(self, cfg: AgentConfig, *, clock: Callable[[], float] = time.monotonic, **proxy_args: Any) -> None:
+    def __init__(self, cfg: AgentConfig, run_dir: Path | None = None, *,
+                 clock: Callable[[], float] = time.monotonic, **proxy_args: Any) -> None:
+        """`run_dir`: the agent's resolved paths.runDir (default: cfg.paths.run_dir as given — the agent
+        passes it absolute, since a relative one is relative to the config file)."""
         self._clock = clock
+        run_dir = run_dir if run_dir is not None else Path(cfg.paths.run_dir)
         self.proxy = ServiceProxy(cfg.services, cfg.node.name, [str(cfg.node.address.ip)],
-                                  state_path=Path(cfg.paths.run_dir) / OWNED_FILE, clock=clock, **proxy_args)
+                                  state_path=run_dir / OWNED_FILE, clock=clock, **proxy_args)
         self.last_errors: dict[str, list[str]] = {}
         self.kernel_ops = 0
         self._noted: str | None = None
@@ -87,5 +91,5 @@ def _subject(key: str) -> str:
     return f"services {key}" if key.startswith("(") else f"service {key}"
 
 
-def make_service_proxy(cfg: AgentConfig) -> ServiceSync:
-    return ServiceSync(cfg)
+def make_service_proxy(cfg: AgentConfig, run_dir: Path | None = None) -> ServiceSync:
+    return ServiceSync(cfg, run_dir)

@@ -233,7 +233,7 @@ def test_missing_ipvs_is_one_line_and_retried_with_backoff(caplog) -> None:
     clock = Clock()
     cfg = parse({"node": {"name": "node-a", "address": "10.0.1.11/24"}, "source": {"kind": "file", "path": "c"},
                  "paths": {"runDir": "/nonexistent/run"}})
-    sync = ServiceSync(cfg, clock=clock, kernel_factory=no_ipvs)
+    sync = ServiceSync(cfg, Path("/nonexistent/run"), clock=clock, kernel_factory=no_ipvs)
     store = Store()
     base(store)
     caplog.set_level(logging.INFO, "fabric.services")
@@ -415,3 +415,15 @@ def test_the_record_is_a_journal_compacted_atomically(tmp_path: Path) -> None:
     bad.add([("TCP", "10.96.0.1", 80)])
     assert bad.save() is None and bad.problem is None
     assert OwnedVirtualServers(path).load()
+
+
+def test_the_agent_keeps_the_record_in_its_own_run_dir(tmp_path: Path) -> None:
+    """A relative paths.runDir is relative to the config file (as the agent's status and ExaBGP files)."""
+    from fabric.agent import Agent, _make_service_proxy
+    from fabric.config import parse
+
+    cfg = parse({"node": {"name": "n1", "address": "10.0.1.11/24"}, "source": {"kind": "file", "path": "c.yaml"},
+                 "paths": {"runDir": "run-n1"}})
+    agent = Agent(cfg, tmp_path / "conf" / "agent.yaml")
+    sync = _make_service_proxy(agent)
+    assert sync.proxy._owned.path == tmp_path / "conf" / "run-n1" / "ipvs-owned" == agent.run_dir / "ipvs-owned"
