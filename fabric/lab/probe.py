@@ -27,6 +27,7 @@ class ProbeResult:
     received: int
     outage: float  # the longest time without a reply across a loss (seconds)
     back_after: float | None  # seconds from the fault until the reply that ended the last loss; None: no loss
+    pace: float = 0.0  # packets per second ping really sent (under load it falls behind the asked rate)
 
     @property
     def lost(self) -> int:
@@ -36,7 +37,7 @@ class ProbeResult:
         if not self.sent:
             return "no probe packets"
         pct = 100.0 * self.lost / self.sent
-        out = f"{self.lost}/{self.sent} lost ({pct:.1f}%)"
+        out = f"{self.lost}/{self.sent} lost ({pct:.1f}%)" + (f" at {self.pace:.0f}/s" if self.pace else "")
         return out + (f", longest outage {self.outage * 1000:.0f} ms" if self.lost else "")
 
 
@@ -63,7 +64,8 @@ def summarize(replies: dict[int, float], transmitted: int, rate: float, fault_at
         longest = max(longest, (after if after is not None else stopped_at) - before)
         back = None if after is None else max(after - fault_at, 0.0)
         seq = end + 1
-    return ProbeResult(last, received, longest, back)
+    pace = transmitted / (stopped_at - started_at) if stopped_at > started_at else 0.0
+    return ProbeResult(last, received, longest, back, pace)
 
 
 class PingProbe:

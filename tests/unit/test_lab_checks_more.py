@@ -123,12 +123,12 @@ def test_probe_arithmetic() -> None:
     # 50/s, no loss: the last 0.5 s of packets (25) are in flight and not counted
     replies = {s: t + s * 0.02 for s in range(1, 101)}
     r = summarize(replies, 100, 50, fault_at=t + 0.5, started_at=t, stopped_at=t + 2.1)
-    assert (r.sent, r.lost, r.back_after) == (75, 0, None) and r.describe() == "0/75 lost (0.0%)"
+    assert (r.sent, r.lost, r.back_after) == (75, 0, None) and r.describe() == "0/75 lost (0.0%) at 48/s"
     # seqs 40..59 lost: the outage is timed between replies 39 and 60; traffic back 0.4 s after the fault
     lossy = {s: v for s, v in replies.items() if not 40 <= s <= 59}
     r = summarize(lossy, 100, 50, fault_at=t + 0.8, started_at=t, stopped_at=t + 2.1)
     assert r.lost == 20 and r.outage == pytest.approx(0.42) and r.back_after == pytest.approx(0.4)
-    assert r.describe() == "20/75 lost (26.7%), longest outage 420 ms"
+    assert r.describe() == "20/75 lost (26.7%) at 48/s, longest outage 420 ms"
     # two losses: back_after is the end of the last one, outage the longest
     two = {s: v for s, v in lossy.items() if not 70 <= s <= 72}
     r = summarize(two, 100, 50, fault_at=t + 0.8, started_at=t, stopped_at=t + 2.1)
