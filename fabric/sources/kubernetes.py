@@ -186,7 +186,7 @@ class KubernetesSource:
                     except SkipObject:
                         continue
                     skipped[(kind, key)] = str(e)
-                    value = self.store.get(kind, key)  # keep the last good version, if any
+                    value = self.store.last_good(kind, key)  # this run's last good version, or the previous run's
                     if value is None:
                         continue
                 values[key] = value

@@ -486,3 +486,15 @@ def test_backoff_is_exponential_with_jitter_and_capped() -> None:
     assert len({round(d, 6) for d in delays[4:]}) > 1  # jittered, not a fixed 8 s
     b.reset()
     assert 0.25 <= b.next() <= 0.5
+
+
+def test_a_bad_node_at_start_keeps_the_previous_runs_last_good_version(api: FakeApiServer, h: Harness) -> None:
+    """Last-good objects survive restarts (fabric.lastgood seeds Store.remember): a Node that is bad when
+    a restarted agent first lists it is not dropped."""
+    seed(api)
+    good = NodeInfo(name="n2", address="10.0.1.12", podCIDRs=["10.244.2.0/24"])
+    api.apply("Node", node("n2", None, "10.244.2.0/24"))  # bad now: no InternalIP
+    h.store.remember("Node", {"n2": good})
+    h.started()
+    assert h.store.get("Node", "n2") == good
+    assert any("Node/n2" in p for p in h.sources[0].problems)
