@@ -234,7 +234,7 @@ def one(kind: str, n: int) -> tuple[float, float]:
             def syncs() -> list[tuple[float, int]]:
                 log = (pair.dir / "agent.log").read_text(errors="replace")
                 found = [(datetime.strptime(ts, "%Y-%m-%d %H:%M:%S,%f").timestamp() - t0_wall, int(k)) for ts, k in
-                         re.findall(r"^(\S+ \S+) .*routes: \d+ deleted, (\d+) replaced", log, re.M)]
+                         re.findall(r"^(\S+ \S+) .*routes: \d+ deleted, (\d+) written", log, re.M)]
                 return [(t, k) for t, k in found if t > 0]
             # the last sync logs after its write returns, i.e. just after the monitor saw its routes
             wait(lambda: sum(k for _, k in syncs()) >= n, 10, "the agent to log its last sync")

@@ -26,6 +26,11 @@ from ipip import rtnl
 from ipip.model import NodeFacts, Route, RouteKey, UnderlayRoute
 
 
+# Route messages are small: 128 KiB is ~1,800 routes per send (their acks, 36 bytes each with
+# NETLINK_CAP_ACK, fit the 4 MiB receive buffer many times over).
+ROUTE_CHUNK_BYTES = 128 * 1024
+
+
 class FactsError(RuntimeError):
     """The kernel does not (yet) hold what the node's config says (e.g. no address = node IP)."""
 
@@ -68,7 +73,7 @@ class RouteKernel:
         self.proto = proto
         self.table = table
         self.tunnel_device = tunnel_device
-        self._sock = nl.open_netlink(nl.NETLINK_ROUTE, timeout, rcvbuf=4 << 20)
+        self._sock = nl.open_netlink(nl.NETLINK_ROUTE, timeout, rcvbuf=4 << 20, sndbuf=1 << 20)
         self._seq = nl.Sequence32()
 
     def close(self) -> None:
@@ -137,7 +142,7 @@ class RouteKernel:
                 errors.append(OpError(op, route, errno.ENODEV))
                 continue
             msgs.append((msg, seq, (op, route)))
-        for (op, route), err in nl.pipeline(self._sock, msgs):
+        for (op, route), err in nl.pipeline(self._sock, msgs, chunk=ROUTE_CHUNK_BYTES):
             if op == "delete" and err in (errno.ESRCH, errno.ENOENT):
                 continue
             errors.append(OpError(op, route, err))

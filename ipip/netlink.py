@@ -33,13 +33,16 @@ CHUNK_BYTES = 32 * 1024  # requests per send; far below the socket's send buffer
 T = TypeVar("T")
 
 
-def open_netlink(proto: int, timeout: float = RECV_TIMEOUT, *, rcvbuf: int = 1 << 20, groups: int = 0) -> socket.socket:
+def open_netlink(proto: int, timeout: float = RECV_TIMEOUT, *, rcvbuf: int = 1 << 20, sndbuf: int | None = None,
+                 groups: int = 0) -> socket.socket:
     """A bound netlink socket of the current namespace whose receives (and sends) give up after `timeout`.
     `groups`: multicast groups to listen to (a monitor); 0 for requests."""
     s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, proto)
     try:
         s.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)  # acks carry only the header, not our request back
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if sndbuf:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         s.bind((0, groups))
         s.settimeout(timeout)
     except BaseException:

@@ -130,6 +130,30 @@ class KernelRoute:
         return out + (f" metric {self.metric}" if self.metric else "")
 
 
+_NETS: dict[tuple[bytes, int], ipaddress.IPv4Network] = {}
+_ADDRS: dict[bytes, ipaddress.IPv4Address] = {}
+CACHE_MAX = 200_000  # dumps repeat the same prefixes: building IPv4Network objects dominated decoding
+
+
+def _net(raw: bytes, plen: int) -> ipaddress.IPv4Network:
+    key = (raw, plen)
+    n = _NETS.get(key)
+    if n is None:
+        if len(_NETS) >= CACHE_MAX:
+            _NETS.clear()
+        n = _NETS[key] = ipaddress.IPv4Network((int.from_bytes(raw, "big"), plen), strict=False)
+    return n
+
+
+def _addr(raw: bytes) -> ipaddress.IPv4Address:
+    a = _ADDRS.get(raw)
+    if a is None:
+        if len(_ADDRS) >= CACHE_MAX:
+            _ADDRS.clear()
+        a = _ADDRS[raw] = ipaddress.IPv4Address(raw)
+    return a
+
+
 def decode_route(body: bytes) -> KernelRoute | None:
     """An RTM_NEWROUTE body (after the netlink header); None for non-IPv4."""
     family, dst_len, _src_len, tos, table, proto, scope, rtype, flags = struct.unpack_from("=BBBBBBBBI", body)
@@ -138,10 +162,10 @@ def decode_route(body: bytes) -> KernelRoute | None:
     a = attrs(body, 12)
     if RTA_TABLE in a:
         table = struct.unpack("=I", a[RTA_TABLE])[0]
-    dst = ipaddress.IPv4Network((a[RTA_DST] if RTA_DST in a else b"\0\0\0\0", dst_len), strict=False)
+    dst = _net(a[RTA_DST][:4] if RTA_DST in a else b"\0\0\0\0", dst_len)
     metric = struct.unpack("=I", a[RTA_PRIORITY])[0] if RTA_PRIORITY in a else 0
     oif = struct.unpack("=I", a[RTA_OIF])[0] if RTA_OIF in a else None
-    gw = ipaddress.IPv4Address(a[RTA_GATEWAY]) if RTA_GATEWAY in a else None
+    gw = _addr(a[RTA_GATEWAY][:4]) if RTA_GATEWAY in a else None
     hops: list[tuple[ipaddress.IPv4Address, int, bool]] = []
     mp = a.get(RTA_MULTIPATH)
     off = 0
@@ -151,7 +175,7 @@ def decode_route(body: bytes) -> KernelRoute | None:
             break
         g = attrs(mp[off + 8:off + ln]).get(RTA_GATEWAY)
         if g:
-            hops.append((ipaddress.IPv4Address(g), ifi, bool(nh_flags & RTNH_F_ONLINK)))
+            hops.append((_addr(g[:4]), ifi, bool(nh_flags & RTNH_F_ONLINK)))
         off += (ln + 3) & ~3
     mtu = None
     if RTA_METRICS in a:
