@@ -117,6 +117,9 @@ def test_tor_cannot_take_over_the_nodes_routing_and_next_hops_are_checked() -> N
             assert "10.0.8.0/24" not in routes  # off-subnet next hop of a single-hop eBGP peer: unusable
             assert "10.0.1.0/24 via" not in routes  # the node's subnet: refused
             assert node_routes(lab, a1) == own, "the node's own routes changed"
+            # the status file follows the stages within a second
+            wait_for(lambda: "inside the node's own subnet" in "\n".join(lab.status(a1).get("warnings", [])), 10,
+                     "the status to report the refused node subnet")
             st = lab.status(a1)
             warnings = "\n".join(st["warnings"])
             assert "10.0.1.0/24" in warnings and "inside the node's own subnet" in warnings, warnings
