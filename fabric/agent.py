@@ -2,7 +2,8 @@
 
     sources ──► Store ──► Runner ──► stages (config, bgp, routes, services, ...) ──► adapters
                              ▲            each on its own worker, own backoff, own status
-    BGP events ──► RIB ──────┘ (wake the routes stage)      Lifecycle: starting → holding → running → stopping
+    BGP events ──► RIB ──────┘ (wake the routes stage)
+    Lifecycle: starting → holding → running → stopping
 
 Event driven: nothing polls. The Store wakes the stages that read a changed kind, BGP events wake the
 routes stage, address/link changes of the node (a netlink monitor) wake it too, and the runner sleeps

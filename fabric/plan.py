@@ -124,7 +124,8 @@ def compute(cfg: AgentConfig, config_path: Path) -> dict[str, Any]:
     ibgp = [n.name for n in neighbors if n.kind == "external" and n.peer_as == n.local_as]
     learned, _ = ImportFilter(cfg).filter(learned_raw, kinds, nodes, pods, ibgp, node_networks=(view.facts.network,))
     assert stage.state is not None
-    return {"ops": ops, "routes": routes, "foreign": dict(stage.rec.foreign), "tunnel_needed": stage.state.tunnel_needed,
+    return {"ops": ops, "routes": routes, "foreign": dict(stage.rec.foreign),
+            "tunnel_needed": stage.state.tunnel_needed,
             "tunnel_mtu": stage.state.tunnel_mtu, "warnings": stage._result(inp.now).status["warnings"],
             "neighbors": neighbors, "announcements": desired_announcements(cfg, pods, neighbors),
             "learned_raw": learned_raw, "learned": learned, "facts": view.facts,

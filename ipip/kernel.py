@@ -120,9 +120,9 @@ class RouteKernel:
             why = f"no interface holds the node address {node_ip}" + (f" on {device}" if device else "")
             return KernelView(None, why, None, owned, foreign, ifindex, ifname, tunnel, addrs)
         kernel_prefix = ipaddress.IPv4Interface(f"{node_ip}/{holder.prefixlen}")
-        connected = tuple(sorted({(ipaddress.IPv4Interface(f"{a.address}/{a.prefixlen}").network, ifname.get(a.index, "?"))
-                                  for a in addrs if a.index != t and a.prefixlen < 32
-                                  and not a.address.is_loopback}, key=lambda x: (x[0], x[1])))
+        connected = tuple(sorted({(ipaddress.IPv4Interface(f"{a.address}/{a.prefixlen}").network,
+                                   ifname.get(a.index, "?"))
+                                  for a in addrs if a.index != t and a.prefixlen < 32 and not a.address.is_loopback}))
         facts = NodeFacts(address=node_ip, network=kernel_prefix.network, device=ifname[holder.index],
                           mtu=underlay_mtu or by_index[holder.index].mtu, routes=tuple(underlay), connected=connected)
         return KernelView(facts, None, kernel_prefix, owned, foreign, ifindex, ifname, tunnel, addrs)

@@ -178,7 +178,8 @@ def _external_hop(peer: str, next_hop: ipaddress.IPv4Address, routing: PeerRouti
         return None, f"next hop {next_hop} is this node's own address"
     policy = routing.next_hop if routing is not None else "any"
     if policy == "peer" and routing is not None and next_hop != routing.address:
-        return None, f"third-party next hop {next_hop} (peer {routing.address}; nextHop: peer takes only the peer's own)"
+        return None, (f"third-party next hop {next_hop} (peer {routing.address}; nextHop: peer takes only the "
+                      "peer's own)")
     if policy in ("peer", "connected"):
         hop = resolve_connected(next_hop, facts)
         if hop is None:

@@ -12,6 +12,7 @@ or while the node address is on no interface, nothing is written at all.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
 import logging
 import os
@@ -166,8 +167,9 @@ class RoutesStage(Stage):
         for key, why in ops.conflicts.items():
             log.error("route %s: %s", key[0], why)
         if ops or ops.conflicts:
+            conflicts = len(ops.conflicts) + sum(1 for e in refused if e.op == "create" and e.errno == errno.EEXIST)
             log.info("routes: %d deleted, %d written, %d refused, %d conflict(s)", len(ops.delete), len(ops.write),
-                     len(refused), len(ops.conflicts) + sum(1 for e in refused if e.op == "create" and e.errno == 17))
+                     len(refused), conflicts)
         self.applied = True
         return self._result(now)
 
