@@ -61,10 +61,9 @@ def _route_kernel(cfg: AgentConfig) -> Any:
 def _make_service_proxy(agent: "Agent") -> Any:
     from fabric.services import make_service_proxy
 
-    # The proxy keeps its IPVS ownership record in the run dir: give it the resolved one (a relative
-    # paths.runDir is relative to the config file, not to the agent's working directory).
-    paths = agent.cfg.paths.model_copy(update={"run_dir": str(agent.run_dir)})
-    return make_service_proxy(agent.cfg.model_copy(update={"paths": paths}))
+    # The proxy keeps its IPVS ownership record in the run dir: the resolved one (a relative paths.runDir
+    # is relative to the config file, not to the agent's working directory).
+    return make_service_proxy(agent.cfg, agent.run_dir)
 
 
 class Agent:
