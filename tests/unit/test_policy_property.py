@@ -142,7 +142,7 @@ def build(node: str | None, pod_list, nss, pols) -> PolicyState:
     return s
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(clusters())
 def test_compiled_datapath_equals_the_spec(cluster) -> None:
     pod_list, nss, pols = cluster
@@ -192,7 +192,7 @@ def histories(draw):
     return final, steps
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(histories(), st.randoms(use_true_random=False))
 def test_incremental_updates_equal_a_fresh_build(history, rnd) -> None:
     (pod_list, nss, pols), steps = history
