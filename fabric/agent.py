@@ -66,9 +66,16 @@ def _make_service_proxy(agent: "Agent") -> Any:
     return make_service_proxy(agent.cfg, agent.run_dir)
 
 
+def _make_policy(agent: "Agent") -> Any:
+    from fabric.policy.sync import PolicySync
+
+    return PolicySync(agent.base_cfg.node.name)
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig, config_path: Path, *, speaker_factory: Callable | None = None,
                  service_proxy_factory: Callable | None = None, kernel_factory: Callable | None = None,
+                 policy_factory: Callable | None = None,
                  source_factory: Callable | None = None, monitor: bool = True, sysctls: bool = True,
                  clock: Callable[[], float] = time.monotonic, stage_backoff: Backoff = Backoff(1.0, 30.0)) -> None:
         self.base_cfg = cfg
@@ -85,6 +92,8 @@ class Agent:
         self.kernel_factory = kernel_factory or _route_kernel
         self.services_factory = service_proxy_factory if service_proxy_factory is not None else (
             _make_service_proxy if cfg.services.enabled else None)
+        self.policy_factory = policy_factory if policy_factory is not None else (
+            _make_policy if cfg.network_policy.enabled else None)
         self.sysctls = sysctls
         self._speaker_factory = speaker_factory
         self._source_factory = source_factory

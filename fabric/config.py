@@ -251,6 +251,12 @@ class Dataplane(Model):
     external_route_metric: int = Field(default=4096, ge=1, le=4294967295)
 
 
+class NetworkPolicySettings(Model):
+    # Enforce Kubernetes NetworkPolicy on this node (nftables table `inet bgp-fabric-policy`). Off: the
+    # table is never written (run another policy engine instead).
+    enabled: bool = True
+
+
 class Health(Model):
     listen: str | None = Field(default="0.0.0.0:9099", pattern=r"^[0-9.]*:[0-9]{1,5}$")  # /healthz, /readyz; null: off
     # /healthz fails while a stage's run has gone on longer than this (and until one of its runs succeeds)
@@ -269,6 +275,7 @@ class AgentConfig(Model):
     paths: Paths = Paths()
     dataplane: Dataplane = Dataplane()
     health: Health = Health()
+    network_policy: NetworkPolicySettings = NetworkPolicySettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> "AgentConfig":

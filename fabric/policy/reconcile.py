@@ -6,6 +6,8 @@ applies a plan in one transaction: element-only plans over nfnetlink (fabric.pol
 with chains or sets through `nft -f` (fabric.policy.nft text); a full sync replaces the whole table in
 one transaction. Our belief of the kernel (`Applied`) is updated only after a commit succeeded; any
 failure forgets it, so the next attempt is a full replacement, which also repairs whatever drifted.
+With no policy at all there is nothing to enforce: the table is removed if it exists (a previous run's)
+and otherwise never created.
 Every nft run has a timeout. Nothing outside table `inet bgp-fabric-policy` is ever touched.
 """
 
@@ -136,7 +138,10 @@ class NftRunner:
         self.nft_path = nft_path
         self.timeout = timeout
 
-    def run(self, text: str) -> None:
+    def table_exists(self) -> bool:
+        return f"table {nft.FAMILY} {nft.TABLE}\n" in self.run("list tables") + "\n"
+
+    def run(self, text: str) -> str:
         exe = shutil.which(self.nft_path)
         if exe is None:
             raise NftError(f"{self.nft_path}: not found (install nftables)")
@@ -146,11 +151,12 @@ class NftRunner:
             raise NftError(f"nft did not finish within {self.timeout:g}s (killed; nothing applied)") from None
         if r.returncode != 0:
             raise NftError(f"nft refused the transaction: {' '.join(r.stderr.split())[:500]}")
+        return r.stdout
 
 
 @dataclass
 class Result:
-    how: str  # "none", "elements" (netlink), "delta" (nft -f), "full" (table replaced)
+    how: str  # "none", "elements" (netlink), "delta" (nft -f), "full" (table replaced), "removed"
     counts: dict[str, int]
     seconds: float
 
@@ -166,6 +172,7 @@ class PolicyTable:
         self.runner = runner or NftRunner()
         self.netlink = netlink
         self.applied: Applied | None = None  # None: unknown, the next apply replaces the table
+        self.present: bool | None = None  # does our table exist? None: not known
         self._sock: NftSocket | None = None
         self._clock = clock
 
@@ -178,9 +185,21 @@ class PolicyTable:
         """Make the kernel hold `state`. Raises NftError/NetlinkError (then the next call is full)."""
         start = self._clock()
         try:
+            if not state.chains:  # no policy: nothing to enforce, no table needed
+                if full or self.present is None:
+                    self.present = self.runner.table_exists()
+                if not self.present:
+                    self.applied = None
+                    return Result("none", {}, self._clock() - start)
+                full = True
             if full or self.applied is None:
                 self.applied = None
+                if not state.chains:
+                    self.runner.run(f"table {nft.FAMILY} {nft.TABLE}\ndelete table {nft.FAMILY} {nft.TABLE}\n")
+                    self.present = False
+                    return Result("removed", {}, self._clock() - start)
                 self.runner.run(nft.render_full(state))
+                self.present = True
                 self.applied = Applied.of(state)
                 return Result("full", {"sets": len(state.sets), "chains": len(state.chains),
                                        "map entries": sum(map(len, state.maps.values()))}, self._clock() - start)
@@ -201,5 +220,5 @@ class PolicyTable:
             self.applied.record(p)
             return Result(how, p.counts(), self._clock() - start)
         except (NftError, NetlinkError, OSError):
-            self.applied = None
+            self.applied, self.present = None, None
             raise

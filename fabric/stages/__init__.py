@@ -11,6 +11,7 @@ from typing import Any
 from fabric.stage import Stage
 from fabric.stages.bgp import BgpStage
 from fabric.stages.config import ConfigStage
+from fabric.stages.policy import PolicyStage
 from fabric.stages.routes import RoutesStage
 from fabric.stages.services import ServicesStage
 
@@ -23,4 +24,6 @@ def build(agent: Any) -> list[Stage]:
     ]
     if agent.services_factory is not None:
         stages.append(ServicesStage(agent, agent.services_factory))
+    if agent.policy_factory is not None:
+        stages.append(PolicyStage(agent, agent.policy_factory(agent)))
     return stages

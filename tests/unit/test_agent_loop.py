@@ -44,7 +44,8 @@ class Harness:
         doc = {"node": {"name": "a1", "address": "10.0.1.11/24"},
                "timers": {"gracefulRestartTime": 30, "resyncInterval": 60},
                "source": {"kind": "file", "path": "cluster.yaml"}, "paths": {"runDir": "run"},
-               "health": {"listen": None, "stageTimeout": 0.5}}
+               "health": {"listen": None, "stageTimeout": 0.5},
+               "networkPolicy": {"enabled": False}}  # real nft in this host's namespace: never (tests pass a fake)
         doc.update(cfg_extra)
         (tmp / "agent.yaml").write_text(yaml.safe_dump(doc))
         self.cfg = cfgmod.load(tmp / "agent.yaml")
