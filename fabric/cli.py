@@ -146,6 +146,32 @@ def _config_arg() -> dict:
     return {"default": env, "required": not env, "help": "agent config file" + (f" (default {env})" if env else "")}
 
 
+def _explain(args: argparse.Namespace) -> int:
+    """Exit 0: allowed (or a route explained), 1: denied, 2: bad config or arguments."""
+    if args.flow is None:
+        if args.target is None:
+            print("fabric explain: give a TARGET address/prefix or --flow SRC DST PORT/PROTO", file=sys.stderr)
+            return EXIT_BAD_CONFIG
+        return _plan(args)
+    from fabric.policy.explain import FlowError, explain_flow, load_cluster
+
+    c = _load(args.config)
+    if c is None:
+        return EXIT_BAD_CONFIG
+    try:
+        objs = load_cluster(c, args.config)
+        r = explain_flow(objs["Pod"], objs["Namespace"], objs["NetworkPolicy"], objs["Node"], *args.flow)
+    except cfg.ConfigError as e:
+        for line in e.problems:
+            print(f"{e.source}: {line}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except FlowError as e:
+        print(f"explain --flow: {e}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    print(r.text())
+    return 0 if r.allowed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fabric", description="bgp-fabric: BGP routing fabric node agent")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -168,10 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-c", "--config", **_config_arg())
     pl.set_defaults(func=_plan)
 
-    ex = sub.add_parser("explain", help="why a route/prefix/address is (or is not) programmed")
+    ex = sub.add_parser("explain", help="why a route/prefix/address is (or is not) programmed; with --flow, "
+                                        "whether NetworkPolicy allows a connection and by which policy and rule")
     ex.add_argument("-c", "--config", **_config_arg())
-    ex.add_argument("target", help="an IPv4 address or prefix")
-    ex.set_defaults(func=_plan)
+    ex.add_argument("target", nargs="?", help="an IPv4 address or prefix")
+    ex.add_argument("--flow", nargs=3, metavar=("SRC", "DST", "PORT/PROTO"),
+                    help="SRC and DST: a pod (namespace/name), a node name or an IPv4 address; PORT/PROTO: 80/tcp")
+    ex.set_defaults(func=_explain)
 
     k = sub.add_parser("lab-kernel", help="the kernel that tests and labs run in")
     ksub = k.add_subparsers(dest="action", required=True)

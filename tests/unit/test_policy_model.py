@@ -131,3 +131,45 @@ def test_the_scenario_covers_what_the_issue_lists() -> None:
         assert needle in text, needle
     denied = sum(not s.expect(a, b, proto, port) for s in STEPS for a in PODS for b in PODS for proto, port in PORTS)
     assert denied > 500  # the matrices are not all "allowed"
+
+
+def _cluster_file(tmp_path, step: Step) -> Any:
+    import json
+
+    pods = [{"metadata": {"name": p.name, "namespace": p.namespace, "labels": dict(p.labels)},
+             "spec": {"nodeName": p.node, "containers": [{"name": "c", "ports": [
+                 {"name": n, "protocol": proto, "containerPort": port} for n, proto, port in p.ports]}]},
+             "status": {"phase": "Running", "podIP": p.ips[0]}} for p in step.pods().values()]
+    nss = [{"metadata": {"name": n.name, "labels": dict(n.labels)}} for n in step.namespaces().values()]
+    cluster = {"nodes": [{"name": "node-1", "address": "192.168.0.1", "podCIDRs": ["10.244.1.0/24"]},
+                         {"name": "node-2", "address": "192.168.0.2", "podCIDRs": ["10.244.2.0/24"]}],
+               "pods": pods, "namespaces": nss,
+               "networkPolicies": step.policies + [np("broken", "y", {"podSelector": {}, "ingress": [{"ports": [{"port": 0}]}]})]}
+    (tmp_path / "cluster.json").write_text(json.dumps(cluster))
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text("node: {name: node-1, address: 192.168.0.1/24}\nsource: {kind: file, path: cluster.json}\n")
+    return cfg
+
+
+def test_explain_flow_names_the_policy_and_rule(tmp_path, capsys) -> None:
+    from fabric.cli import main
+
+    step = next(s for s in STEPS if s.name.startswith("PodSelector OR NamespaceSelector"))
+    cfg = str(_cluster_file(tmp_path, step))
+    assert main(["explain", "-c", cfg, "--flow", "y/c", "x/a", "81/tcp"]) == 0
+    out = capsys.readouterr().out
+    assert "10.244.2.21 (pod y/c) -> 10.244.1.10 (pod x/a) 81/TCP: ALLOWED" in out
+    assert "ingress: allowed by x/or ingress[0] (isolated by x/or)" in out
+    assert "egress:  allowed: no policy selects pod y/c for egress" in out
+    assert "y/broken: spec.ingress[0].ports[0].port: 0 must be 1-65535" in out and "BUG" not in out
+    assert main(["explain", "-c", cfg, "--flow", "z/a", "10.244.1.10", "80/udp"]) == 1
+    out = capsys.readouterr().out
+    assert "DENIED by default: pod x/a is isolated for ingress by x/or and no rule allows it" in out
+    # From the pod's own node (kubelet probes) it is let in; from the other node it is not.
+    assert main(["explain", "-c", cfg, "--flow", "node-1", "x/a", "80/tcp"]) == 0
+    assert "from the pod's own node" in capsys.readouterr().out
+    assert main(["explain", "-c", cfg, "--flow", "192.168.0.2", "x/a", "80/tcp"]) == 1
+    assert "(node node-2)" in capsys.readouterr().out
+    assert main(["explain", "-c", cfg, "--flow", "y/c", "x/a", "80/icmp"]) == 2
+    assert "expected PORT/PROTO" in capsys.readouterr().err
+    assert main(["explain", "-c", cfg, "--flow", "nope/pod", "x/a", "80"]) == 2
