@@ -62,6 +62,10 @@ class Step:
     pod_labels: dict[Pod, dict[str, str]] = field(default_factory=dict)  # extra labels in force
     ns_labels: dict[str, dict[str, str]] = field(default_factory=dict)
 
+    def allowed(self, s: Pod, d: Pod, proto: str, port: int) -> bool:
+        """The truth table: a pod's traffic to itself stays inside it (upstream: AllowLoopback)."""
+        return s == d or self.expect(s, d, proto, port)
+
     def pods(self) -> dict[str, PodInfo]:
         return {f"{p[0]}/{p[1]}": pod_info(p, self.pod_labels.get(p)) for p in PODS}
 

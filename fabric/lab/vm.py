@@ -42,6 +42,11 @@ VM_MODULES = ["nf_nat", "nft_chain_nat", "nft_masq", "nft_nat", "nft_ct", "nft_r
               "xt_ipvs", "af_packet", "tun"]
 
 
+# Temp files live in the VM's own tmpfs: qemu's 9p server truncates by path, so a temp file that was
+# unlinked while open (pytest's output capture does that) fails with ENOENT once it has content.
+VM_SETUP = "mkdir -p /dev/pts /run/tmp\nmount -t devpts devpts /dev/pts 2>/dev/null\nexport TMPDIR=/run/tmp"
+
+
 def in_lab_vm() -> bool:
     return os.environ.get(IN_VM_ENV) == "1"
 
@@ -296,7 +301,7 @@ def run(command: list[str], *, timeout: float = 1800, mem: str = "2G", cpus: int
     try:
         init = labkernel.write_init(work, command, cwd, modules=[*MODULES, *VM_MODULES], module_prefix=root(),
                                     hostname="fabric-labvm", markers={IN_LAB_ENV: "1", IN_VM_ENV: "1"},
-                                    extra_setup="mkdir -p /dev/pts\nmount -t devpts devpts /dev/pts 2>/dev/null")
+                                    extra_setup=VM_SETUP)
         args = [QEMU, *(["-enable-kvm", "-cpu", "host"] if how == "kvm" else ["-accel", "tcg", "-cpu", "max"]),
                 "-m", mem, "-smp", str(cpus), "-nographic", "-no-reboot", "-nic", "none", "-nodefaults",
                 "-serial", "stdio", "-monitor", "none",

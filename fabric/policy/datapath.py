@@ -64,7 +64,11 @@ def side(state: PolicyState, direction: str, src: str, dst: str, proto: str, por
 def flow(src_state: PolicyState, dst_state: PolicyState, src: str, dst: str, proto: str, port: int, *,
          from_dst_node: bool = False) -> tuple[bool, Verdict, Verdict]:
     """A new connection: egress judged on the source's node, ingress on the destination's node.
-    `from_dst_node`: the source is the destination node's own address (always let in)."""
+    `from_dst_node`: the source is the destination node's own address (always let in). A pod talking
+    to itself stays inside the pod (loopback): no hook of ours sees it."""
+    if src == dst:
+        loop = Verdict(True, why="a pod's traffic to itself never leaves it")
+        return True, loop, loop
     e = side(src_state, "egress", src, dst, proto, port)
     i = Verdict(True, why="from the pod's own node") if from_dst_node else side(dst_state, "ingress", src, dst, proto, port)
     return e.allowed and i.allowed, e, i

@@ -5,7 +5,8 @@ against: it reads the API's words directly and is too slow for anything but test
 
 A flow is allowed when the source pod's egress allows it AND the destination pod's ingress allows it.
 A side that no policy isolates allows everything. Traffic from the destination pod's own node is
-allowed in (kubelet probes). Replies of allowed connections are the datapath's business (conntrack),
+allowed in (kubelet probes). A pod's traffic to itself never leaves the pod (loopback), so no node can
+judge it: it is allowed, as the upstream e2e suite expects (`AllowLoopback`). Replies of allowed connections are the datapath's business (conntrack),
 not a question this module answers.
 """
 
@@ -90,6 +91,8 @@ class World:
     def allowed(self, src: str, dst: str, proto: str, port: int, *, src_node: str | None = None) -> bool:
         """Is a new connection src -> dst:port/proto allowed? `src_node`: the node name when the source
         is a node's own address (then the destination pod's own node is always let in)."""
+        if src == dst:
+            return True  # loopback inside the pod
         egress = src_node is not None or self.side_allows("egress", src, dst, proto, port)
         dst_pod = self.pod_at(dst)
         if src_node is not None and dst_pod is not None and dst_pod.node == src_node:

@@ -114,7 +114,7 @@ def test_truth_table(step: Step) -> None:
     for s in PODS:
         for d in PODS:
             for proto, port in PORTS:
-                want = step.expect(s, d, proto, port)
+                want = step.allowed(s, d, proto, port)
                 got, _, _ = datapath.flow(states[node_of(s)], states[node_of(d)], IPS[s], IPS[d], proto, port)
                 spec = world.allowed(IPS[s], IPS[d], proto, port)
                 if not want == got == spec:
@@ -129,7 +129,7 @@ def test_the_scenario_covers_what_the_issue_lists() -> None:
     for needle in ("'policyTypes': ['Ingress']", "'Egress'", "namespaceSelector", "ipBlock", "except",
                    "serve-81-tcp", "endPort", "SCTP", "'UDP'"):
         assert needle in text, needle
-    denied = sum(not s.expect(a, b, proto, port) for s in STEPS for a in PODS for b in PODS for proto, port in PORTS)
+    denied = sum(not s.allowed(a, b, proto, port) for s in STEPS for a in PODS for b in PODS for proto, port in PORTS)
     assert denied > 500  # the matrices are not all "allowed"
 
 
