@@ -159,6 +159,16 @@ def test_drift_and_failures_end_in_a_full_replacement(ns: Ns, tmp_path: Path) ->
     # ... and the next attempt replaces the whole table.
     assert ns.thread.call(table.apply, state, state.take_dirty()).how == "full"
     assert table_view(ns) != want and table_view(ns) == fresh_view(ns, state)
+    # Drift that no incremental step notices (a flushed chain, a stray element): the periodic full
+    # resync puts the table back as desired.
+    chain = next(n for n in state.chains if n.startswith("pol-in-"))
+    ns.nft("flush", "chain", nft.FAMILY, nft.TABLE, chain)
+    ns.nft("add", "element", nft.FAMILY, nft.TABLE, next(iter(n for n in state.sets if n.startswith("sel-"))),
+           "{ 10.9.9.9 }")
+    assert ns.thread.call(table.apply, state, state.take_dirty()).how == "none"  # nothing changed for us
+    drifted = table_view(ns)
+    assert ns.thread.call(table.apply, state, state.take_dirty(), full=True).how == "full"
+    assert table_view(ns) != drifted and table_view(ns) == fresh_view(ns, state)
     # A hung nft: killed at the timeout, reported, nothing applied; then a working nft repairs.
     hung = tmp_path / "nft"
     hung.write_text("#!/bin/sh\nexec sleep 30\n")

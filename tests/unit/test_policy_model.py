@@ -173,3 +173,29 @@ def test_explain_flow_names_the_policy_and_rule(tmp_path, capsys) -> None:
     assert main(["explain", "-c", cfg, "--flow", "y/c", "x/a", "80/icmp"]) == 2
     assert "expected PORT/PROTO" in capsys.readouterr().err
     assert main(["explain", "-c", cfg, "--flow", "nope/pod", "x/a", "80"]) == 2
+
+
+def test_explain_flow_from_the_kubernetes_source(tmp_path, capsys, monkeypatch) -> None:
+    from fabric.cli import main
+    from tests.fakeapi import FakeApiServer
+    from tests.fakeapi.__main__ import KUBECONFIG
+
+    step = next(s for s in STEPS if s.name.startswith("allow x/a only from namespace y"))
+    with FakeApiServer() as api:
+        for ns in step.namespaces().values():
+            api.apply("Namespace", {"metadata": {"name": ns.name, "labels": dict(ns.labels)}})
+        for p in step.pods().values():
+            api.apply("Pod", {"metadata": {"name": p.name, "namespace": p.namespace, "labels": dict(p.labels)},
+                              "spec": {"nodeName": p.node, "containers": []},
+                              "status": {"phase": "Running", "podIP": p.ips[0]}})
+        for pol in step.policies:
+            api.apply("NetworkPolicy", pol)
+        (tmp_path / "kubeconfig").write_text(KUBECONFIG.format(url=api.url))
+        cfg = tmp_path / "node.yaml"
+        cfg.write_text(f"node: {{name: node-1, address: 192.168.0.1/24}}\n"
+                       f"source: {{kind: kubernetes, kubeconfig: {tmp_path / 'kubeconfig'}}}\n")
+        monkeypatch.setenv("NODE_NAME", "node-1")
+        assert main(["explain", "-c", str(cfg), "--flow", "z/a", "x/a", "80/tcp"]) == 1
+        assert "DENIED by default: pod x/a is isolated for ingress by x/allow-y" in capsys.readouterr().out
+        assert main(["explain", "-c", str(cfg), "--flow", "y/b", "x/a", "80/tcp"]) == 0
+        assert "allowed by x/allow-y ingress[0]" in capsys.readouterr().out
