@@ -108,6 +108,11 @@ class Batch:
     def __len__(self) -> int:
         return len(self._msgs)
 
+    @property
+    def nbytes(self) -> int:
+        """The encoded size: 20 bytes of headers per message, plus batch begin and end."""
+        return sum(20 + len(attrs) for _, attrs in self._msgs) + 40
+
     def encode(self, first_seq: int) -> tuple[bytes, list[int]]:
         """The whole batch and the sequence numbers that must each be acked."""
         seq = first_seq

@@ -209,8 +209,7 @@ class PolicyTable:
             how = "delta"
             if p.elements_only and self.netlink:
                 batch = batch_of(p)
-                data, _ = batch.encode(0)
-                if len(data) <= MAX_BATCH:
+                if batch.nbytes <= MAX_BATCH:
                     if self._sock is None:
                         self._sock = NftSocket()
                     self._sock.commit(batch)
