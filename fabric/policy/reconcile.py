@@ -159,6 +159,7 @@ class Result:
     how: str  # "none", "elements" (netlink), "delta" (nft -f), "full" (table replaced), "removed"
     counts: dict[str, int]
     seconds: float
+    kernel_seconds: float = 0.0  # of which in the kernel's commit (the netlink batch or the nft run)
 
     def __str__(self) -> str:
         return f"{self.how}: " + ", ".join(f"{v} {k}" for k, v in self.counts.items() if v) + f" in {self.seconds * 1e3:.1f} ms"
@@ -204,6 +205,7 @@ class PolicyTable:
                 return Result("full", {"sets": len(state.sets), "chains": len(state.chains),
                                        "map entries": sum(map(len, state.maps.values()))}, self._clock() - start)
             p = plan(state, self.applied, dirty)
+            kernel = 0.0
             if not p:
                 return Result("none", {}, self._clock() - start)
             how = "delta"
@@ -212,12 +214,16 @@ class PolicyTable:
                 if batch.nbytes <= MAX_BATCH:
                     if self._sock is None:
                         self._sock = NftSocket()
+                    k = self._clock()
                     self._sock.commit(batch)
+                    kernel = self._clock() - k
                     how = "elements"
             if how == "delta":
+                k = self._clock()
                 self.runner.run(nft.render_delta(p))
+                kernel = self._clock() - k
             self.applied.record(p)
-            return Result(how, p.counts(), self._clock() - start)
+            return Result(how, p.counts(), self._clock() - start, kernel)
         except (NftError, NetlinkError, OSError):
             self.applied, self.present = None, None
             raise
