@@ -372,7 +372,7 @@ class Agent:
         if missing:
             return False, missing
         rs = self.runner.states["routes"] if self.runner is not None else None
-        if rs is None or rs.last_ok is None or rs.error:
+        if rs is None or self.routes_stage is None or not self.routes_stage.applied or rs.error:
             return False, f"routes not applied yet{': ' + rs.error if rs is not None and rs.error else ''}"
         return True, "ready"
 

@@ -259,3 +259,22 @@ def test_empty_cluster_file_is_refused_and_a_bad_entry_skips_only_itself(tmp_pat
         assert any("nodes[2] (b1).address" in w for w in agent.snapshot()["warnings"])
 
     run_agent(h.agent(), body)
+
+
+def test_fabric_status_names_the_phase_the_stages_and_a_conflict(tmp_path: Path) -> None:
+    from fabric import status as status_mod
+
+    cluster(tmp_path / "cluster.yaml")
+    k = FakeKernel()
+    k.add_foreign(Route(N("10.244.1.0/24")), proto=2)  # a bridge CNI's route over our pod CIDR
+    h = Harness(tmp_path, kernel=k)
+
+    async def body(agent: Agent) -> None:
+        await until("running", lambda: agent.lifecycle.phase.value == "running")
+        await until("conflict", lambda: "10.244.1.0/24" in agent.snapshot()["stages"]["routes"]["problems"])
+        text = status_mod.render(agent.snapshot())
+        assert "phase=running" in text and "stage routes" in text and "stage services" in text
+        assert "CONFLICT 10.244.1.0/24: not written: another owner's route holds 10.244.1.0/24" in text, text
+
+    run_agent(h.agent(), body)
+    assert k.routes[(N("10.244.1.0/24"), 0)][1] == 2  # never replaced
