@@ -1,7 +1,8 @@
 """The BGP speaker: ExaBGP supervised as a child, learned routes with graceful restart, import filters.
 
 Modules (pure unless marked):
-- `exabgp_config`: `Neighbor` (one BGP neighbor), `render(neighbors, socket) -> str`, `environment(run_dir)`,
+- `exabgp_config`: `Neighbor` (one BGP neighbor), `render(neighbors, socket) -> str`, `render_timers(neighbors)`,
+  `environment(run_dir)`,
   `validate(neighbors)` raising `NeighborError` (one `neighbor 'NAME': field: reason` line per problem).
 - `events`: what the speaker reports: `PeerUp`, `PeerDown`, `RoutesAnnounced`, `RoutesWithdrawn`, `EndOfRib`,
   `SpeakerRestarted` (`BgpEvent` is their union).
@@ -13,6 +14,8 @@ Modules (pure unless marked):
   `RejectionLog`.
 - `speaker` (asyncio, I/O): `Speaker(run_dir, on_event, exabgp=None, env=None)` with `start()`, `stop()`,
   `set_neighbors(list[Neighbor])`, `set_announcements(dict[prefix, Announcement])`, `status()`.
+- `exabgp_launch` (process): `python -m bgp.exabgp_launch --timers FILE CONFIG`, how the speaker runs ExaBGP:
+  with `exabgp_reactor` installed (event-driven waits instead of a 10 ms poll, connectRetry, keepalive).
 - `relay` (process): `python -m bgp.relay SOCKET`, the helper ExaBGP runs.
 - `cli_probe` (process): a Speaker driven by JSON lines, and `ProbeClient` to drive it from tests and labs.
 """

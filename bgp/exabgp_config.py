@@ -9,6 +9,7 @@ MD5 passwords are written base64-encoded (`md5-base64 true`) so no password text
 from __future__ import annotations
 
 import base64
+import json
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -44,6 +45,9 @@ class Neighbor:
     route_reflector_client: bool = False
     cluster_id: IPv4Address | None = None
     listen_port: int = 179  # where we accept this peer's connections
+    # Applied by our launcher (bgp.exabgp_launch), not ExaBGP's config: see render_timers.
+    keepalive: int | None = None  # seconds between keepalives; None: negotiated hold time / 3
+    connect_retry: int = 5  # seconds between connection attempts
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -70,6 +74,12 @@ class Neighbor:
             p.append(f"graceful_restart_time: {gr!r} must be 0..{GR_TIME_MAX} (12 bits on the wire)")
         if self.md5_password is not None and not 1 <= len(self.md5_password.encode()) <= 80:
             p.append("md5_password: must be 1..80 bytes")
+        if self.keepalive is not None and (not isinstance(self.keepalive, int) or not 1 <= self.keepalive <= 21845):
+            p.append(f"keepalive: {self.keepalive!r} must be 1..21845")
+        elif self.keepalive is not None and self.hold_time and self.keepalive * 3 > self.hold_time:
+            p.append(f"keepalive: {self.keepalive} must be at most hold_time/3 ({self.hold_time // 3})")
+        if not isinstance(self.connect_retry, int) or not 1 <= self.connect_retry <= 3600:
+            p.append(f"connect_retry: {self.connect_retry!r} must be 1..3600")
         if self.kind not in ("mesh", "external"):
             p.append(f"kind: {self.kind!r} must be 'mesh' or 'external'")
         return [f"neighbor {name!r}: {x}" for x in p]
@@ -149,6 +159,14 @@ def render(neighbors: list[Neighbor], socket_path: Path, python: str | None = No
     for n in sorted(neighbors, key=lambda n: n.peer_address):
         out.append(_neighbor_block(n))
     return "\n".join(out)
+
+
+def render_timers(neighbors: list[Neighbor]) -> str:
+    """The timers our launcher applies per neighbor (ExaBGP's config has no keepalive or connect retry)."""
+    validate(neighbors)
+    doc = {"neighbors": {str(n.peer_address): {"keepalive": n.keepalive, "connectRetry": n.connect_retry}
+                         for n in sorted(neighbors, key=lambda n: n.peer_address)}}
+    return json.dumps(doc, indent=1) + "\n"
 
 
 LOG_BYTES = 1024 * 1024  # ExaBGP's own RotatingFileHandler: 1 MiB per file, 3 backups (4 MiB at most)

@@ -19,7 +19,9 @@ kept, and nothing is flushed. A relay that reconnects to
 an ExaBGP that kept running (ExaBGP respawned its helper) means messages were lost: ExaBGP is then
 restarted, the one clean resync.
 
-Neighbor changes rewrite the config and send SIGUSR1 (reload): ExaBGP keeps the sessions of neighbors
+ExaBGP runs through our launcher (`python -m bgp.exabgp_launch`: event-driven reactor, keepalive and
+connect retry per neighbor from `exabgp.timers.json`) unless `exabgp` names another executable.
+Neighbor changes rewrite the config (and timers) and send SIGUSR1 (reload): ExaBGP keeps the sessions of neighbors
 whose definition did not change (checked by tests/kernel/test_bgp_speaker.py).
 """
 
@@ -57,10 +59,6 @@ class SpeakerError(RuntimeError):
     """The speaker can't run at all (missing ExaBGP, unusable run dir); the message names the setting."""
 
 
-def default_exabgp() -> str:
-    return str(Path(sys.executable).parent / "exabgp")
-
-
 def die_with_parent_command(argv: list[str]) -> list[str]:
     """`argv` run so that it gets SIGKILL when we die (PR_SET_PDEATHSIG set by an exec wrapper)."""
     setpriv = shutil.which("setpriv")
@@ -74,9 +72,10 @@ class Speaker:
                  env: dict[str, str] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.on_event = on_event
-        self.exabgp = exabgp or default_exabgp()
+        self.exabgp = exabgp  # None: ExaBGP through our launcher (bgp.exabgp_launch)
         self.extra_env = dict(env or {})
         self.config_path = self.run_dir / "exabgp.conf"
+        self.timers_path = self.run_dir / "exabgp.timers.json"
         self.socket_path = self.run_dir / "relay.sock"
         self.log_path = self.run_dir / "exabgp.log"
         self._neighbors: dict[str, Neighbor] = {}
@@ -103,7 +102,7 @@ class Speaker:
 
     async def start(self) -> None:
         """Open the relay socket and start ExaBGP. Raises SpeakerError when it can't be started at all."""
-        if not (os.path.isfile(self.exabgp) and os.access(self.exabgp, os.X_OK)):
+        if self.exabgp is not None and not (os.path.isfile(self.exabgp) and os.access(self.exabgp, os.X_OK)):
             raise SpeakerError(f"paths.exabgp: {self.exabgp!r} is not an executable file")
         try:
             self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -157,13 +156,23 @@ class Speaker:
         return env
 
     def _write_config(self) -> None:
-        text = exabgp_config.render(list(self._neighbors.values()), self.socket_path)
-        tmp = self.config_path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o600)  # an older file may have had other bits
-            f.write(text)
-        tmp.replace(self.config_path)  # atomic: a reload never reads half a file
+        neighbors = list(self._neighbors.values())
+        # atomic replaces, timers first: a reload never reads half a file, nor a neighbor without its timers
+        for path, text in ((self.timers_path, exabgp_config.render_timers(neighbors)),
+                           (self.config_path, exabgp_config.render(neighbors, self.socket_path))):
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                os.fchmod(f.fileno(), 0o600)  # an older file may have had other bits (exabgp.conf: MD5 passwords)
+                f.write(text)
+            tmp.replace(path)
+
+    def command(self) -> list[str]:
+        """How ExaBGP is started: our launcher (event-driven loop, keepalive and connect retry per
+        neighbor), or the executable given as paths.exabgp (run as `EXE CONFIG`)."""
+        if self.exabgp is not None:
+            return [self.exabgp, str(self.config_path)]
+        return [sys.executable, "-m", "bgp.exabgp_launch", "--timers", str(self.timers_path), str(self.config_path)]
 
     async def _spawn(self) -> None:
         out_path = self.run_dir / "exabgp.out"
@@ -175,7 +184,7 @@ class Speaker:
         fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                *die_with_parent_command([self.exabgp, str(self.config_path)]), stdin=asyncio.subprocess.DEVNULL,
+                *die_with_parent_command(self.command()), stdin=asyncio.subprocess.DEVNULL,
                 stdout=fd, stderr=fd, env=self._env(), cwd=str(self.run_dir))
         finally:
             os.close(fd)

@@ -71,7 +71,8 @@ def desired_neighbors(cfg: AgentConfig, nodes: dict[str, NodeInfo], previous: It
             mesh_addrs.add(n.address)
             out.append(Neighbor(name=name, peer_address=n.address, peer_as=n.asn or cfg.cluster.asn,
                                 local_as=local_as, local_address=me_addr, router_id=me_addr,
-                                hold_time=t.hold_time, graceful_restart_time=t.graceful_restart_time, kind="mesh"))
+                                hold_time=t.hold_time, graceful_restart_time=t.graceful_restart_time, kind="mesh",
+                                keepalive=t.keepalive, connect_retry=t.connect_retry))
     me = nodes.get(cfg.node.name)
     labels = me.labels if me is not None else {}
     taken = {n.name for n in out}
@@ -117,7 +118,8 @@ def _external(p: Peer, cfg: AgentConfig, local_as: int, me_addr: ipaddress.IPv4A
                     port=p.port, md5_password=p.password, passive=p.passive, multihop=p.multihop,
                     graceful_restart_time=cfg.timers.graceful_restart_time, kind="external",
                     route_reflector_client=p.route_reflector_client,
-                    cluster_id=cfg.node.route_reflector_cluster_id)
+                    cluster_id=cfg.node.route_reflector_cluster_id, keepalive=cfg.timers.keepalive,
+                    connect_retry=cfg.timers.connect_retry)
 
 
 def desired_announcements(cfg: AgentConfig, pod_cidrs: list[ipaddress.IPv4Network],

@@ -238,7 +238,7 @@ class KubernetesSource(Model):
 
 class Paths(Model):
     run_dir: str = "/run/bgp-fabric"  # ExaBGP config, sockets, status
-    exabgp: str | None = None  # the exabgp executable; default: next to our Python
+    exabgp: str | None = None  # another ExaBGP executable (run as `EXE CONFIG`); default: bgp.exabgp_launch
 
 
 class Dataplane(Model):

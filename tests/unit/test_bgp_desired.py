@@ -33,6 +33,15 @@ def test_mesh_is_every_other_node_plus_selected_externals() -> None:
     assert tor.md5_password == "pw" and tor.local_address == A("10.0.1.11") and tor.router_id == A("10.0.1.11")
 
 
+def test_timers_reach_every_neighbor() -> None:
+    c = make_cfg(peers=[TOR], timers={"holdTime": 30, "keepalive": 5, "connectRetry": 2})
+    ns, _ = desired_neighbors(c, NODES)
+    assert {(n.name, n.hold_time, n.keepalive, n.connect_retry) for n in ns} == {
+        ("a2", 30, 5, 2), ("b1", 30, 5, 2), ("tor", 30, 5, 2)}
+    ns, _ = desired_neighbors(make_cfg(), NODES)
+    assert {(n.keepalive, n.connect_retry) for n in ns} == {(None, 5)}  # hold / 3, and Calico's retry
+
+
 def test_mesh_off_and_peer_problems() -> None:
     c = make_cfg(cluster={"mesh": False}, peers=[TOR, {"name": "dup", "address": "10.0.1.12", "asn": 65000}])
     ns, problems = desired_neighbors(c, NODES)

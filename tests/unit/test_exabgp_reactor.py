@@ -1,0 +1,63 @@
+"""The pure parts of bgp.exabgp_reactor, and that it can still find the ExaBGP internals it replaces."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from ipaddress import IPv4Address
+
+import pytest
+
+from bgp import exabgp_reactor as r
+from bgp.exabgp_config import Neighbor, NeighborError, render_timers, validate
+
+
+def test_keepalive_interval() -> None:
+    assert r.keepalive_interval(30, None) == 30  # ExaBGP's own: hold 90 / 3
+    assert r.keepalive_interval(30, 10) == 10  # ours is shorter
+    assert r.keepalive_interval(3, 10) == 3  # the peer negotiated a smaller hold: never slower than hold / 3
+    assert r.keepalive_interval(0, 10) == 0  # hold time 0: no keepalives at all
+
+
+def test_wait_timeout() -> None:
+    assert r.wait_timeout(100.0, [105.0, 103.5], urgent=False, past_due_streak=0, fallback=0.01) == (3.5, False)
+    assert r.wait_timeout(100.0, [105.0], urgent=True, past_due_streak=0, fallback=0.01) == (0.0, False)
+    assert r.wait_timeout(100.0, [], urgent=False, past_due_streak=0, fallback=0.01) == (None, False)
+    # a deadline already passed: run at once, but if nothing consumes it, no busier than ExaBGP's 10 ms
+    assert r.wait_timeout(100.0, [99.0], urgent=False, past_due_streak=0, fallback=0.01) == (0.0, True)
+    assert r.wait_timeout(100.0, [99.0], urgent=False, past_due_streak=r.PAST_DUE_LIMIT,
+                          fallback=0.01) == (0.01, True)
+
+
+def nb(addr: str, **kw: object) -> Neighbor:
+    return Neighbor(f"n{addr.rsplit('.', 1)[1]}", IPv4Address(addr), 64512, 64512, IPv4Address("10.0.0.1"),
+                    IPv4Address("10.0.0.1"), 9, **kw)  # type: ignore[arg-type]
+
+
+def test_timers_file_round_trip() -> None:
+    text = render_timers([nb("10.0.0.3", keepalive=2, connect_retry=7), nb("10.0.0.2")])
+    assert list(json.loads(text)["neighbors"]) == ["10.0.0.2", "10.0.0.3"]
+    parsed = r.parse_timers(text)
+    assert parsed["10.0.0.3"] == r.NeighborTimers(2, 7)
+    assert parsed["10.0.0.2"] == r.NeighborTimers(None, 5)
+
+
+def test_bad_timers_are_named() -> None:
+    with pytest.raises(NeighborError, match=r"keepalive: 4 must be at most hold_time/3 \(3\)"):
+        validate([nb("10.0.0.2", keepalive=4)])
+    with pytest.raises(NeighborError, match="connect_retry: 0 must be 1..3600"):
+        validate([nb("10.0.0.2", connect_retry=0)])
+    with pytest.raises(ValueError, match="connectRetry"):
+        r.parse_timers('{"neighbors": {"10.0.0.2": {"connectRetry": -1}}}')
+
+
+def test_installs_into_this_exabgp() -> None:
+    """Every ExaBGP internal we replace still exists (a fresh process: install() patches classes), and
+    loading ExaBGP asks no DNS server (its hostname capability would, at import)."""
+    code = ("import socket; socket.getfqdn = None; socket.gethostbyaddr = None; "
+            "from bgp import exabgp_reactor as r; r.install(None); "
+            "from exabgp.reactor.loop import Reactor; from exabgp.reactor.network.outgoing import Outgoing; "
+            "assert Reactor._wait_for_io is r._wait_for_io and Outgoing.establish is r._establish; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
