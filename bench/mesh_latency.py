@@ -23,6 +23,7 @@ used over --idle seconds with nothing changing.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -64,6 +65,13 @@ class LatencyLab(MeshLab):
         for node in doc["nodes"]:
             node["podCIDRs"] += getattr(self, "extra", {}).get(node["name"], [])
         return doc
+
+    def write_cluster(self) -> None:
+        # JSON (which is YAML): a Node update reaches agents as JSON from the Kubernetes API too, and
+        # every agent re-reads the whole file on each event, all on the lab kernel's one CPU
+        tmp = self.workdir / ".cluster.yaml"
+        tmp.write_text(json.dumps(self.cluster_doc()))
+        tmp.replace(self.workdir / "cluster.yaml")
 
     def write_agent_config(self, n: Node) -> None:
         super().write_agent_config(n)
