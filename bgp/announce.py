@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Literal, Mapping
 
+from bgp.attributes import PathAttributes
+
 CHUNK = 500
 
 
@@ -23,9 +25,12 @@ class Announcement:
     local_pref: int | None = None
     med: int | None = None
     neighbors: frozenset[str] | None = None  # None: every neighbor
+    path: PathAttributes | None = None  # a reflected route's attributes, passed on whole (bgp.reflect)
 
     def attributes(self) -> str:
         parts = [f"next-hop {self.next_hop}"]
+        if self.path is not None:
+            return " ".join(parts + self.path.words())
         std = [c for c in self.communities if c.count(":") == 1]
         large = [c for c in self.communities if c.count(":") == 2]
         if std:

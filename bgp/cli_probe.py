@@ -5,6 +5,9 @@ inside a namespace. Requests (one JSON object a line):
   {"op": "neighbors", "neighbors": [{Neighbor fields}, ...]}
   {"op": "announce", "routes": [{"prefix": ..., "next_hop": ..., "communities": [...], "local_pref": ...,
                                  "med": ..., "neighbors": [...] | null}, ...]}   (the whole desired set)
+  {"op": "reflect", "cluster_id": ..., "router_id": ..., "clients": [names], "non_clients": [names]}
+                            -> be a route reflector: what the iBGP neighbors announce is reflected
+                               (bgp.reflect) besides the announced set, recomputed after every event
   {"op": "status"}          -> {"status": {...}}
   {"op": "stop"}            -> stops the speaker and exits
 BGP_PROBE_CHUNK=N in the environment sets how many prefixes go in one ExaBGP command (benchmarks).
@@ -19,6 +22,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,8 @@ from typing import Any
 from bgp import announce
 from bgp.announce import Announcement
 from bgp.events import BgpEvent
+from bgp.reflect import Reflector, reflect_all
+from bgp.rib import Rib
 from bgp.exabgp_config import Neighbor, NeighborError
 from bgp.speaker import Speaker
 
@@ -33,6 +39,8 @@ from bgp.speaker import Speaker
 def _jsonable(v: Any) -> Any:
     if isinstance(v, (IPv4Address, IPv4Network)):
         return str(v)
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: _jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)}
     if isinstance(v, (tuple, list, set, frozenset)):
         return [_jsonable(x) for x in v]
     if isinstance(v, dict):
@@ -71,8 +79,26 @@ async def main(run_dir: str) -> int:
     chunk = os.environ.get("BGP_PROBE_CHUNK")  # benchmarks: prefixes per ExaBGP command (1 = one per route)
     if chunk:
         announce.CHUNK = int(chunk)
-    speaker = Speaker(Path(run_dir), lambda ev: _out(event_json(ev)))
     loop = asyncio.get_running_loop()
+    own: dict[IPv4Network, Announcement] = {}
+    rib = Rib()
+    reflector: Reflector | None = None
+    publishing: list[asyncio.Task[None]] = []
+
+    async def publish() -> None:
+        publishing.clear()
+        desired = dict(own)
+        if reflector is not None:
+            for prefix, a in reflect_all(reflector, {p: rib.paths(p) for p in rib.routes()}).items():
+                desired.setdefault(prefix, a)  # our own announcement of a prefix wins
+        await speaker.set_announcements(desired)
+
+    def on_event(ev: BgpEvent) -> None:
+        _out(event_json(ev))
+        if rib.apply(ev, time.monotonic()) and reflector is not None and not publishing:
+            publishing.append(loop.create_task(publish()))
+
+    speaker = Speaker(Path(run_dir), on_event)
     reader = asyncio.StreamReader(limit=64 * 1024 * 1024)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     started = False
@@ -90,8 +116,13 @@ async def main(run_dir: str) -> int:
                     started = True
                 _out({"ok": True, "op": op})
             elif op == "announce":
-                desired = {a.prefix: a for a in (announcement_from(r) for r in req["routes"])}
-                await speaker.set_announcements(desired)
+                own = {a.prefix: a for a in (announcement_from(r) for r in req["routes"])}
+                await publish()
+                _out({"ok": True, "op": op})
+            elif op == "reflect":
+                reflector = Reflector(IPv4Address(req["cluster_id"]), IPv4Address(req["router_id"]),
+                                      frozenset(req["clients"]), frozenset(req.get("non_clients", ())))
+                await publish()
                 _out({"ok": True, "op": op})
             elif op == "status":
                 _out({"status": _jsonable(speaker.status())})

@@ -8,12 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
+from bgp.attributes import PathAttributes
+
 
 @dataclass(frozen=True)
 class PeerUp:
     peer: str
     address: IPv4Address
     gr_time: int | None  # restart time from the peer's OPEN; None when it did not advertise graceful restart
+    router_id: IPv4Address | None = None  # its BGP identifier (from its OPEN)
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class RoutesAnnounced:
     peer: str
     next_hop: IPv4Address
     prefixes: tuple[IPv4Network, ...]
+    attrs: PathAttributes | None = PathAttributes()  # the other attributes (None: not understood; not reflected)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from bgp.attributes import PathAttributes, from_exabgp
+
 
 @dataclass(frozen=True)
 class Ack:
@@ -42,6 +44,7 @@ class UpdateMsg:
     withdrawn: tuple[IPv4Network, ...]
     eor: bool  # End-of-RIB for ipv4 unicast
     attributes: dict[str, Any]
+    path: PathAttributes | None = PathAttributes()  # `attributes` as we keep them; None: not understood
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,15 @@ def parse_line(line: str) -> Message:
         return Unparsed(text, f"unexpected shape: {type(e).__name__}: {e}")
 
 
+def _path(raw: dict[str, Any]) -> PathAttributes | None:
+    """An attribute we can't read must not lose the routes (their next hop is all the import needs):
+    None, and route reflection passes such a route on to nobody."""
+    try:
+        return from_exabgp(raw)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
 def _peer(doc: dict[str, Any]) -> tuple[IPv4Address, IPv4Address | None]:
     addr = doc["neighbor"]["address"]
     local = addr.get("local")
@@ -127,5 +139,6 @@ def _parse(doc: dict[str, Any], text: str) -> Message:
         for nh, routes in update.get("announce", {}).get(_FAMILY, {}).items():
             announced.append((IPv4Address(nh), tuple(IPv4Network(r["nlri"]) for r in routes)))
         withdrawn = tuple(IPv4Network(r["nlri"]) for r in update.get("withdraw", {}).get(_FAMILY, []))
-        return UpdateMsg(peer, tuple(announced), withdrawn, False, dict(update.get("attribute", {})))
+        raw = dict(update.get("attribute", {}))
+        return UpdateMsg(peer, tuple(announced), withdrawn, False, raw, _path(raw) if announced else PathAttributes())
     return Unparsed(text, f"message type {kind!r} not handled")

@@ -16,19 +16,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
+from bgp.attributes import PathAttributes
 from bgp.events import BgpEvent, EndOfRib, PeerDown, PeerUp, RoutesAnnounced, RoutesWithdrawn, SpeakerRestarted
+from bgp.reflect import Path
 
 
 @dataclass
 class _Learned:
     next_hop: IPv4Address
     stale: bool = False
+    attrs: PathAttributes | None = PathAttributes()
 
 
 @dataclass
 class _PeerRib:
     gr_time: int | None = None  # from the peer's last OPEN
     up: bool = False
+    address: IPv4Address | None = None  # from its last PeerUp (route reflection: the path's origin)
+    router_id: IPv4Address | None = None
     routes: dict[IPv4Network, _Learned] = field(default_factory=dict)
     deadline: float | None = None  # when stale routes go, if no End-of-RIB came first
 
@@ -50,9 +55,9 @@ class Rib:
             changed = False
             for prefix in event.prefixes:
                 old = p.routes.get(prefix)
-                if old is None or old.next_hop != event.next_hop:
+                if old is None or old.next_hop != event.next_hop or old.attrs != event.attrs:
                     changed = True
-                p.routes[prefix] = _Learned(event.next_hop)
+                p.routes[prefix] = _Learned(event.next_hop, attrs=event.attrs)
             return changed
         if isinstance(event, RoutesWithdrawn):
             p = self._peer(event.peer)
@@ -61,6 +66,7 @@ class Rib:
         if isinstance(event, PeerUp):
             p = self._peer(event.peer)
             p.up, p.gr_time = True, event.gr_time
+            p.address, p.router_id = event.address, event.router_id
             if any(r.stale for r in p.routes.values()):
                 window = event.gr_time or 0
                 if window <= 0:  # it no longer does GR: nothing will close the stale set
@@ -132,6 +138,16 @@ class Rib:
     def holders(self, prefix: IPv4Network) -> set[tuple[str, IPv4Address]]:
         """Who holds one prefix (stale included): {(peer, next hop)}. O(peers), for per-change work."""
         return {(name, r.next_hop) for name, p in self._peers.items() if (r := p.routes.get(prefix)) is not None}
+
+    def paths(self, prefix: IPv4Network) -> list[Path]:
+        """Every learned route to one prefix, attributes included (stale ones too: a reflector keeps
+        passing on a restarting client's routes, as it keeps using them). O(peers)."""
+        out = []
+        for name, p in self._peers.items():
+            r = p.routes.get(prefix)
+            if r is not None and p.address is not None:
+                out.append(Path(name, p.address, p.router_id, r.next_hop, r.attrs))
+        return out
 
     def peer_routes(self, peer: str) -> dict[IPv4Network, IPv4Address]:
         p = self._peers.get(peer)

@@ -5,6 +5,8 @@ OPENs): only a session that was `up` produces PeerDown. The graceful-restart tim
 from the last OPEN received before `up`. A drop is graceful (GR applies) unless a NOTIFICATION was
 sent or received (ExaBGP's reason then starts with "notification", which covers hold-timer expiry
 and administrative shutdown) or we tore the session down ourselves.
+A route that came back to us (ORIGINATOR_ID = our router ID, or our cluster ID in its CLUSTER_LIST when
+we reflect; RFC 4456 8) is dropped here, before anything uses it, and counted per neighbor (`looped`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 from bgp.events import BgpEvent, EndOfRib, PeerDown, PeerUp, RoutesAnnounced, RoutesWithdrawn
 from bgp.messages import Message, NotificationMsg, OpenMsg, StateMsg, UpdateMsg
+from bgp.reflect import looped
 
 # ExaBGP's reason when *we* tear down a session that negotiated GR (it closes TCP without NOTIFICATION).
 _OUR_TEARDOWN = "graceful restarted negotiated"
@@ -27,18 +30,25 @@ class Session:
     since: float | None = None
     gr_time: int | None = None
     open_gr_time: int | None = None
+    open_router_id: IPv4Address | None = None
     last_error: str | None = None
     notified: bool = False
     received: set[IPv4Network] = field(default_factory=set)
     ups: int = 0
+    router_id: IPv4Address | None = None  # ours on this session, and our cluster ID when we reflect:
+    cluster_id: IPv4Address | None = None  # a route carrying either came back to us (RFC 4456 8)
+    looped: int = 0  # prefixes dropped for that
 
 
 class SessionTracker:
     def __init__(self) -> None:
         self.sessions: dict[IPv4Address, Session] = {}
 
-    def set_neighbors(self, names: dict[IPv4Address, str], now: float) -> list[BgpEvent]:
-        """Adopt a new neighbor set; a removed neighbor that was up yields a non-graceful PeerDown."""
+    def set_neighbors(self, names: dict[IPv4Address, str], now: float,
+                      ids: dict[IPv4Address, tuple[IPv4Address | None, IPv4Address | None]] | None = None
+                      ) -> list[BgpEvent]:
+        """Adopt a new neighbor set; a removed neighbor that was up yields a non-graceful PeerDown.
+        `ids`: per neighbor (our router ID, our cluster ID or None), for dropping routes that came back."""
         events: list[BgpEvent] = []
         for addr in list(self.sessions):
             if addr not in names:
@@ -48,9 +58,10 @@ class SessionTracker:
         for addr, name in names.items():
             s = self.sessions.get(addr)
             if s is None:
-                self.sessions[addr] = Session(name, addr, since=now)
+                s = self.sessions[addr] = Session(name, addr, since=now)
             elif s.name != name:
                 s.name = name
+            s.router_id, s.cluster_id = (ids or {}).get(addr, (None, None))
         return events
 
     def speaker_restarted(self, now: float) -> None:
@@ -72,6 +83,10 @@ class SessionTracker:
     def _feed(self, msg: Message, s: Session, now: float) -> list[BgpEvent]:
         if isinstance(msg, OpenMsg):
             s.open_gr_time = msg.gr_time
+            try:
+                s.open_router_id = IPv4Address(msg.router_id) if msg.router_id else None
+            except ValueError:
+                s.open_router_id = None
             return []
         if isinstance(msg, NotificationMsg):
             s.notified = True
@@ -85,12 +100,20 @@ class SessionTracker:
             if msg.eor:
                 return [EndOfRib(s.name)]
             events: list[BgpEvent] = []
-            if msg.withdrawn:
-                s.received.difference_update(msg.withdrawn)
-                events.append(RoutesWithdrawn(s.name, msg.withdrawn))
-            for nh, prefixes in msg.announced:
+            withdrawn = msg.withdrawn
+            announced = msg.announced
+            if msg.path is not None and s.router_id is not None and announced and \
+                    looped(msg.path, s.cluster_id, s.router_id) is not None:
+                # ignored (RFC 4456 8): as if never sent, so it also replaces what this peer sent before
+                dropped = tuple(p for _, prefixes in announced for p in prefixes)
+                s.looped += len(dropped)
+                withdrawn, announced = withdrawn + tuple(p for p in dropped if p in s.received), ()
+            if withdrawn:
+                s.received.difference_update(withdrawn)
+                events.append(RoutesWithdrawn(s.name, withdrawn))
+            for nh, prefixes in announced:
                 s.received.update(prefixes)
-                events.append(RoutesAnnounced(s.name, nh, prefixes))
+                events.append(RoutesAnnounced(s.name, nh, prefixes, msg.path))
             return events
         return []
 
@@ -101,7 +124,7 @@ class SessionTracker:
             s.state, s.since, s.notified, s.ups = "established", now, False, s.ups + 1
             s.gr_time = s.open_gr_time
             s.received.clear()
-            return [PeerUp(s.name, s.address, s.gr_time)]
+            return [PeerUp(s.name, s.address, s.gr_time, s.open_router_id)]
         if msg.state == "down":
             was_up = s.state == "established"
             hard = s.notified or msg.reason.startswith("notification") or msg.reason.startswith(_OUR_TEARDOWN)
@@ -121,5 +144,5 @@ class SessionTracker:
     def status(self) -> dict[str, dict[str, object]]:
         return {s.name: {"address": str(s.address), "state": s.state, "since": s.since,
                          "received": len(s.received), "last_error": s.last_error, "gr_time": s.gr_time,
-                         "established_count": s.ups}
+                         "established_count": s.ups, "looped": s.looped}
                 for s in self.sessions.values()}

@@ -350,7 +350,8 @@ class Speaker:
             return
         old_addresses = self._addresses()
         self._neighbors = new
-        events = self._tracker.set_neighbors({n.peer_address: n.name for n in neighbors}, time.time())
+        events = self._tracker.set_neighbors({n.peer_address: n.name for n in neighbors}, time.time(),
+                                             {n.peer_address: (n.router_id, n.cluster_id) for n in neighbors})
         if self._proc is not None:
             self._write_config()
             self._reload()

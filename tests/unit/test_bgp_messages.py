@@ -6,6 +6,7 @@ from ipaddress import IPv4Address as A
 from ipaddress import IPv4Network as N
 from pathlib import Path
 
+from bgp.attributes import PathAttributes
 from bgp.events import EndOfRib, PeerDown, PeerUp, RoutesAnnounced, RoutesWithdrawn
 from bgp.messages import (Ack, Notice, NotificationMsg, OpenMsg, StateMsg, Unparsed, UpdateMsg, parse_line)
 from bgp.sessions import SessionTracker
@@ -75,16 +76,19 @@ def replay(name: str) -> list[object]:
 
 def test_session_b_events() -> None:
     ev = replay("exabgp_session_b.jsonl")
-    assert ev[0] == PeerUp("node-a", A("10.99.0.1"), 120)
-    assert ev[1] == RoutesAnnounced("node-a", A("10.99.0.1"), (N("10.244.1.0/24"), N("10.244.2.0/24")))
-    assert ev[2] == RoutesAnnounced("node-a", A("10.99.0.7"), (N("10.244.3.0/24"),))
+    assert ev[0] == PeerUp("node-a", A("10.99.0.1"), 120, A("10.99.0.1"))
+    # attributes as a real ExaBGP reported them (route reflection passes them on)
+    lp200 = PathAttributes(local_pref=200, communities=("64512:100",))
+    assert ev[1] == RoutesAnnounced("node-a", A("10.99.0.1"), (N("10.244.1.0/24"), N("10.244.2.0/24")), lp200)
+    assert ev[2] == RoutesAnnounced("node-a", A("10.99.0.7"), (N("10.244.3.0/24"),), PathAttributes(med=50,
+                                                                                                 local_pref=100))
     assert ev[3] == EndOfRib("node-a")
     assert RoutesWithdrawn("node-a", (N("10.244.2.0/24"), N("10.244.3.0/24"))) in ev
     # the peer closed TCP without NOTIFICATION (GR negotiated): graceful
     down = next(e for e in ev if isinstance(e, PeerDown))
     assert down.graceful and down.reason == "closing connection"
-    assert ev[-2:] == [PeerUp("node-a", A("10.99.0.1"), 120),
-                       RoutesAnnounced("node-a", A("10.99.0.1"), (N("10.244.1.0/24"),))]
+    assert ev[-2:] == [PeerUp("node-a", A("10.99.0.1"), 120, A("10.99.0.1")),
+                       RoutesAnnounced("node-a", A("10.99.0.1"), (N("10.244.1.0/24"),), lp200)]
 
 
 def test_our_own_teardown_is_not_graceful() -> None:

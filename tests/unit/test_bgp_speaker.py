@@ -120,7 +120,7 @@ def test_speaker_flow(tmp_path: Path, fake_exabgp: str) -> None:
         await sp.start()
         try:
             # the relay's first lines reach us (kept by the relay until it connected)
-            await until("PeerUp", lambda: PeerUp("b", A("10.0.0.2"), 77) in events)
+            await until("PeerUp", lambda: PeerUp("b", A("10.0.0.2"), 77, A("10.0.0.2")) in events)
             await until("routes", lambda: RoutesAnnounced("b", A("10.0.0.2"), (N("10.244.2.0/24"),)) in events)
             # on connect: the whole set; on PeerUp: the set for b, then b's End-of-RIB
             await until("eor", lambda: "neighbor 10.0.0.2 announce eor ipv4 unicast" in commands(run_dir))
@@ -222,7 +222,7 @@ def test_end_of_rib_is_withheld_until_the_announced_set_is_final(tmp_path: Path,
         await sp.set_announcements({N("10.244.1.0/24"): ann("10.244.1.0/24")}, final=False)
         await sp.start()
         try:
-            await until("PeerUp", lambda: PeerUp("b", A("10.0.0.2"), 77) in events)
+            await until("PeerUp", lambda: PeerUp("b", A("10.0.0.2"), 77, A("10.0.0.2")) in events)
             await until("replay", lambda: "neighbor 10.0.0.2 announce attributes next-hop self nlri 10.244.1.0/24"
                         in commands(run_dir))
             await asyncio.sleep(0.3)
