@@ -36,6 +36,36 @@ KINDS = ("Node", "Service", "EndpointSlice", "BGPConfiguration", "BGPPeer", "IPP
          "NetworkPolicy")
 
 
+def same(a: Any, b: Any) -> bool:
+    """`a == b` with types: dicts, lists and tuples compared item by item, every leaf of the same type.
+    (Dict keys of one mapping are compared by `==`: they are strings in every object we record.)"""
+    return a == b and _same(a, b)
+
+
+def _same(a: Any, b: Any) -> bool:
+    # Only called on values that are already equal: what is left to check is the leaves' types.
+    if a is b:
+        return True
+    t = type(a)
+    if t is not type(b):
+        return False
+    if t is dict:
+        for k, v in a.items():
+            w = b[k]
+            if v is not w and (type(v) is not type(w) or (type(v) in _NESTED and not _same(v, w))):
+                return False
+        return True
+    if t is list or t is tuple:
+        for v, w in zip(a, b):
+            if v is not w and (type(v) is not type(w) or (type(v) in _NESTED and not _same(v, w))):
+                return False
+        return True
+    return True  # equal leaves of one type (dataclass values compare their typed fields themselves)
+
+
+_NESTED = (dict, list, tuple)
+
+
 @dataclass
 class Changes:
     """What changed since the previous take(): kind -> keys (added, updated or deleted)."""
@@ -97,7 +127,7 @@ class Store:
         """Record an add/update. Returns False (and records nothing) when the value is unchanged."""
         with self._lock:
             objs = self._objects[kind]
-            if key in objs and objs[key] == value:
+            if key in objs and same(objs[key], value):
                 return False
             objs[key] = value
             self._record(kind, (key,))
@@ -117,7 +147,7 @@ class Store:
         with self._lock:
             objs = self._objects[kind]
             changed = {k for k in objs.keys() - values.keys()}
-            changed |= {k for k, v in values.items() if objs.get(k) != v}
+            changed |= {k for k, v in values.items() if k not in objs or not same(objs[k], v)}
             for k in changed:
                 if k in values:
                     objs[k] = values[k]
