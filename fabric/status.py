@@ -46,6 +46,8 @@ def render(s: dict[str, Any]) -> str:
         err = f" error: {st['error']} (retry in {st.get('retryIn')}s)" if st.get("error") else ""
         lines.append(f"stage {name:<9} {state:<8} runs={st.get('runs', 0)} failed={st.get('failedRuns', 0)} "
                      f"last={st.get('lastDuration')}s{err}")
+        if st.get("summary"):  # a stage's own one-line account of what it holds
+            lines.append(f"  {st['summary']}")
         for key, p in sorted((st.get("problems") or {}).items()):
             kind = "CONFLICT" if p.get("conflict") else "FAILED"
             lines.append(f"  {kind} {key}: {p['error']} (attempt {p['attempts']})")

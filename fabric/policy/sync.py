@@ -89,6 +89,9 @@ class PolicySync:
 
     def status(self) -> dict[str, Any]:
         st = self.state
-        return {"policies": len(st.policies), "pods": len(st.pods),
+        iso = {d: len(st.maps[d]) for d in MAPS}
+        summary = (f"{len(st.policies)} policies, {iso['ingress']} pods isolated for ingress and {iso['egress']} for "
+                   f"egress on this node, {len(st.sets)} sets, {len(st.chains)} chains; last: {self.last or 'none'}")
+        return {"summary": summary, "policies": len(st.policies), "pods": len(st.pods),
                 "isolated": {d: len(st.maps[d]) for d in MAPS}, "sets": len(st.sets), "chains": len(st.chains),
                 "last": str(self.last) if self.last else None, "warnings": self.problem_lines()}

@@ -126,6 +126,11 @@ def test_policy_stage_in_the_agent_loop_and_a_hung_nft_never_holds_up_routes(tmp
     async def body(agent: Any) -> None:
         await until("the policy table loaded", lambda: nft.exists)
         assert "10.244.1.5 : jump ns-in-default" in nft.texts[-1]
+        from fabric import status as status_mod
+
+        await until("the policy stage reported", lambda: "stage policy" in status_mod.render(agent.snapshot()))
+        assert "1 policies, 1 pods isolated for ingress and 0 for egress on this node" in \
+            status_mod.render(agent.snapshot())
         # nft hangs: the policy stage stalls alone; a new Node still reaches the routes stage meanwhile.
         nft.hang.clear()
         routes_runs = agent.runner.states["routes"].runs
