@@ -56,6 +56,16 @@ class NotificationMsg:
 
 
 @dataclass(frozen=True)
+class ConnectMsg:
+    """Our launcher's report of one outgoing connection attempt (bgp.exabgp_reactor): ExaBGP itself says
+    nothing about attempts that fail. result: ok | refused | timeout | error (detail: the errno text)."""
+
+    peer_address: IPv4Address
+    result: str
+    detail: str
+
+
+@dataclass(frozen=True)
 class Notice:
     """A message about ExaBGP itself, not a peer (e.g. `"notification": "shutdown"` when it stops)."""
 
@@ -68,7 +78,7 @@ class Unparsed:
     why: str
 
 
-Message = Ack | StateMsg | OpenMsg | UpdateMsg | NotificationMsg | Notice | Unparsed
+Message = Ack | StateMsg | OpenMsg | UpdateMsg | NotificationMsg | ConnectMsg | Notice | Unparsed
 
 _FAMILY = "ipv4 unicast"
 
@@ -114,6 +124,10 @@ def _parse(doc: dict[str, Any], text: str) -> Message:
         peer, local = _peer(doc)
         n = doc["neighbor"]
         return StateMsg(peer, local, str(n["state"]), str(n.get("reason", "")))
+    if kind == "fabric-connect":
+        peer, _ = _peer(doc)
+        c = doc["connect"]
+        return ConnectMsg(peer, str(c["result"]), str(c.get("detail", "")))
     if kind == "open":
         peer, _ = _peer(doc)
         o = doc["neighbor"]["open"]

@@ -43,10 +43,36 @@ class PrefixFilter(Protocol):
     def max_length(self) -> int | None: ...
 
 
+class Reason(str):
+    """Why a prefix was refused: the text, plus `code`, a short fixed name of the rule (metrics label,
+    status summary). A str, so it reads and compares as the text."""
+
+    code: str
+
+    def __new__(cls, code: str, text: str) -> "Reason":
+        r = super().__new__(cls, text)
+        r.code = code
+        return r
+
+
+# Every code a rejection can carry (bounded: they label metrics).
+REASON_CODES = ("default-route", "covers-node-address", "own-pod-cidr", "outside-pools", "node-subnet",
+                "filter-denied", "filter-not-allowed", "filter-max-length", "max-prefixes", "pod-cidr-from-ebgp",
+                "next-hop-unusable")
+
+
+def code_of(reason: str) -> str:
+    return getattr(reason, "code", "other")
+
+
 @dataclass(frozen=True)
 class Rejection:
     prefix: IPv4Network
-    reason: str
+    reason: str  # a Reason (its .code names the rule)
+
+    @property
+    def code(self) -> str:
+        return code_of(self.reason)
 
 
 def _sorted(prefixes: Iterable[IPv4Network]) -> list[IPv4Network]:
@@ -68,11 +94,11 @@ def filter_verdict(f: PrefixFilter | None, prefix: IPv4Network) -> str | None:
         return None
     for d in f.deny:
         if prefix.subnet_of(d):
-            return f"denied by {d}"
+            return Reason("filter-denied", f"denied by {d}")
     if f.allow and not any(prefix.subnet_of(a) for a in f.allow):
-        return "not inside an allowed prefix"
+        return Reason("filter-not-allowed", "not inside an allowed prefix")
     if f.max_length is not None and prefix.prefixlen > f.max_length:
-        return f"longer than maxLength {f.max_length}"
+        return Reason("filter-max-length", f"longer than maxLength {f.max_length}")
     return None
 
 
@@ -89,17 +115,17 @@ class MeshImportPolicy:
     def check(self, prefix: IPv4Network) -> str | None:
         """None when accepted, else why not."""
         if prefix.prefixlen == 0:
-            return "default route"
+            return Reason("default-route", "default route")
         addr = _covered(self._node_ints, prefix)
         if addr is not None:
-            return f"covers node address {addr}"
+            return Reason("covers-node-address", f"covers node address {addr}")
         for own in self.own_pod_cidrs:
             if prefix.overlaps(own):
-                return f"overlaps this node's pod CIDR {own}"
+                return Reason("own-pod-cidr", f"overlaps this node's pod CIDR {own}")
         for pool in self.pools:
             if not pool.disabled and prefix.subnet_of(pool.cidr):
                 return None
-        return "not inside an enabled IP pool"
+        return Reason("outside-pools", "not inside an enabled IP pool")
 
     def filter(self, prefixes: Iterable[IPv4Network]) -> tuple[list[IPv4Network], list[Rejection]]:
         accepted: list[IPv4Network] = []
@@ -128,15 +154,17 @@ class ExternalImportPolicy:
 
     def check(self, prefix: IPv4Network) -> str | None:
         if prefix.prefixlen == 0 and not self.allow_default:
-            return "default route (the node's own default route comes first; set import.allowDefaultRoute to " \
-                   "install it behind the node's own)"
+            return Reason("default-route", "default route (the node's own default route comes first; set "
+                                           "import.allowDefaultRoute to install it behind the node's own)")
         if not self.allow_node_networks and prefix.prefixlen > 0:
             for net in self.node_networks:
                 if prefix.subnet_of(net):
-                    return f"inside the node's own subnet {net} (set import.allowNodeNetworks to accept it)"
+                    return Reason("node-subnet", f"inside the node's own subnet {net} (set import.allowNodeNetworks "
+                                                 "to accept it)")
             addr = _covered(self._node_ints, prefix)
             if addr is not None:
-                return f"covers node address {addr} (set import.allowNodeNetworks to accept it)"
+                return Reason("covers-node-address", f"covers node address {addr} (set import.allowNodeNetworks "
+                                                     "to accept it)")
         return filter_verdict(self.prefix_filter, prefix)
 
     def filter(self, prefixes: Iterable[IPv4Network], held: Iterable[IPv4Network] = ()
@@ -149,7 +177,7 @@ class ExternalImportPolicy:
         for p in _sorted(prefixes):
             why = self.check(p)
             if why is None and p not in held_set and self.max_prefixes is not None and count >= self.max_prefixes:
-                why = f"max-prefixes {self.max_prefixes} exceeded"
+                why = Reason("max-prefixes", f"max-prefixes {self.max_prefixes} exceeded")
             if why is None:
                 accepted.append(p)
                 if p not in held_set:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
 from bgp.events import BgpEvent, EndOfRib, PeerDown, PeerUp, RoutesAnnounced, RoutesWithdrawn
-from bgp.messages import Message, NotificationMsg, OpenMsg, StateMsg, UpdateMsg
+from bgp.messages import ConnectMsg, Message, NotificationMsg, OpenMsg, StateMsg, UpdateMsg
 from bgp.reflect import looped
 
 # ExaBGP's reason when *we* tear down a session that negotiated GR (it closes TCP without NOTIFICATION).
@@ -38,6 +38,8 @@ class Session:
     router_id: IPv4Address | None = None  # ours on this session, and our cluster ID when we reflect:
     cluster_id: IPv4Address | None = None  # a route carrying either came back to us (RFC 4456 8)
     looped: int = 0  # prefixes dropped for that
+    open_asn: int | None = None  # the AS in the peer's last OPEN
+    connect: tuple[str, str] | None = None  # the last outgoing attempt failed: (result, detail)
 
 
 class SessionTracker:
@@ -87,6 +89,10 @@ class SessionTracker:
                 s.open_router_id = IPv4Address(msg.router_id) if msg.router_id else None
             except ValueError:
                 s.open_router_id = None
+            s.open_asn = msg.asn if isinstance(msg.asn, int) else s.open_asn
+            return []
+        if isinstance(msg, ConnectMsg):
+            s.connect = None if msg.result == "ok" or s.state == "established" else (msg.result, msg.detail)
             return []
         if isinstance(msg, NotificationMsg):
             s.notified = True
@@ -122,6 +128,7 @@ class SessionTracker:
             if s.state == "established":
                 return []
             s.state, s.since, s.notified, s.ups = "established", now, False, s.ups + 1
+            s.connect = None
             s.gr_time = s.open_gr_time
             s.received.clear()
             return [PeerUp(s.name, s.address, s.gr_time, s.open_router_id)]
@@ -139,10 +146,12 @@ class SessionTracker:
             return []
         if msg.state == "connected" and s.state != "established":
             s.state = "connect"
+            s.connect = None
         return []
 
     def status(self) -> dict[str, dict[str, object]]:
         return {s.name: {"address": str(s.address), "state": s.state, "since": s.since,
                          "received": len(s.received), "last_error": s.last_error, "gr_time": s.gr_time,
-                         "established_count": s.ups, "looped": s.looped}
+                         "established_count": s.ups, "looped": s.looped,
+                         "open_asn": s.open_asn, "connect_error": list(s.connect) if s.connect else None}
                 for s in self.sessions.values()}

@@ -25,12 +25,13 @@ from typing import Any
 from bgp.events import BgpEvent, EndOfRib, PeerDown, PeerUp, RoutesAnnounced, RoutesWithdrawn, SpeakerRestarted
 from bgp.exabgp_config import Neighbor
 from bgp.speaker import Speaker, SpeakerError
-from fabric import lastgood, stages as stages_mod, status as status_mod
+from fabric import lastgood, logs, stages as stages_mod, status as status_mod
 from fabric.bgp_desired import desired_neighbors
 from fabric.config import AgentConfig
 from fabric.effective import EffectiveConfig
 from fabric.health import HealthServer
 from fabric.lifecycle import Lifecycle, Phase
+from fabric.metrics import AgentMetrics, peer_cause
 from fabric.runner import Runner
 from fabric.shared_rib import SharedRib
 from fabric.stages.config import ConfigStage
@@ -104,6 +105,7 @@ class Agent:
         self.source: Any = None
         self.health: HealthServer | None = None
         self.runner: Runner | None = None
+        self.metrics = AgentMetrics(self)
         self.config_stage: ConfigStage | None = None
         self.routes_stage: RoutesStage | None = None
         self.started = time.time()
@@ -150,7 +152,8 @@ class Agent:
         t = self.cfg.timers
         self.runner = Runner(self.store, stages, complete=self._source_complete, min_interval=t.min_sync_interval,
                              resync_interval=t.resync_interval, stage_timeout=self.cfg.health.stage_timeout,
-                             clock=self.clock, backoff=self._stage_backoff, on_result=self._on_result)
+                             clock=self.clock, backoff=self._stage_backoff, on_result=self._on_result,
+                             on_run=self.metrics.observe_run)
         self.store.set_on_change(self.runner.kind_changed)
 
         # The config before anything else: ExaBGP starts with its neighbors (no empty start + reload).
@@ -208,6 +211,8 @@ class Agent:
             from fabric.sources.file import FileSource
 
             self.source = FileSource(self.store, self._path(src.path))
+            # a refused file (or a new skipped entry) shows in status at once, with the error of now
+            self.source.on_change = self._source_changed
             self.source.start(loop)
         else:
             from fabric.sources.kubernetes import KubernetesSource, SourceError
@@ -217,8 +222,19 @@ class Agent:
             except SourceError as e:  # names the config field (source.kubeconfig); no traceback
                 raise StartError(str(e)) from None
             self.effective = EffectiveConfig(self.base_cfg, secret=ks.read_secret, report=ks.report_problem)
+            ks.on_change = lambda: loop.call_soon_threadsafe(self._source_changed)
             ks.start()
             self.source = _ThreadSourceAdapter(ks)
+
+    def _source_changed(self) -> None:
+        """On the loop: the source's problems or reachability changed; status follows at once."""
+        if self.runner is None:
+            return  # still starting: the first status write comes with the first stage result
+        self._status_at = 0.0
+        if self._status_handle is not None:
+            self._status_handle.cancel()
+            self._status_handle = None
+        self._schedule_status()
 
     def _source_complete(self) -> bool:
         synced = getattr(self.source, "synced", None)
@@ -272,6 +288,7 @@ class Agent:
             self._loop.call_soon_threadsafe(self._set_config, cfg, complete)
 
     def _set_config(self, cfg: AgentConfig, complete: bool) -> None:
+        logs.register_secrets(p.password for p in cfg.peers)  # passwords from Secrets too: never logged
         if cfg != self.cfg:
             log.info("effective configuration changed (pools: %s)",
                      ", ".join(f"{p.cidr} {p.ipip_mode.value}" for p in cfg.pools) or "none")
@@ -376,7 +393,14 @@ class Agent:
             return False, f"routes not applied yet{': ' + rs.error if rs is not None and rs.error else ''}"
         return True, "ready"
 
-    def _health(self, path: str) -> tuple[int, str]:
+    def _health(self, path: str) -> tuple[Any, ...]:
+        if path == "/metrics":
+            try:
+                body, ctype = self.metrics.render()
+            except Exception as e:  # noqa: BLE001 - a metrics bug must not take the probes down
+                log.exception("metrics: cannot render")
+                return 500, f"metrics failed: {type(e).__name__}\n"
+            return 200, body, ctype
         if path == "/healthz":
             stalled = self.runner.stalled() if self.runner is not None else []
             return (503, "\n".join(stalled) + "\n") if stalled else (200, "ok\n")
@@ -393,15 +417,21 @@ class Agent:
     def snapshot(self) -> dict[str, Any]:
         speaker = self._speaker_neighbors()
         counts = self.rib.counts()
+        stages = self.runner.status() if self.runner is not None else {}
+        rejected = (stages.get("routes") or {}).get("rejected") or {}
         peers = []
         for n in self.neighbors:
             s = dict(speaker.get(n.name, {}))
             s.setdefault("state", "idle")
             c = counts.get(n.name, {})
+            cause = peer_cause(s, n.peer_as) if s["state"] != "established" else None
+            refused = rejected.get(n.name, {})
             peers.append({"name": n.name, "address": str(n.peer_address), "asn": n.peer_as, "kind": n.kind,
                           **{k: v for k, v in s.items() if k not in ("name", "address")},
-                          "routes": c.get("routes", 0), "stale": c.get("stale", 0)})
-        stages = self.runner.status() if self.runner is not None else {}
+                          "routes": c.get("routes", 0), "stale": c.get("stale", 0),
+                          "accepted": max(0, c.get("routes", 0) - sum(g["count"] for g in refused.values())),
+                          "rejected": refused,
+                          "cause": {"code": cause.code, "text": cause.text} if cause else None})
         warnings: set[str] = set()
         errors: set[str] = set()
         for name, st in stages.items():
@@ -436,6 +466,7 @@ class Agent:
                                 "mtu": r.mtu, "metric": r.metric, "why": r.why} for d, r in routes.items()},
             "learned": {str(p): sorted([peer, str(nh)] for peer, nh in s) for p, s in self.rib.routes().items()},
             "adoptedHold": lc.holding,
+            "source": self.source.state() if self.source is not None and hasattr(self.source, "state") else None,
             "services": stages.get("services"),
             "stages": stages,
             "warnings": sorted(warnings),
@@ -477,6 +508,9 @@ class _ThreadSourceAdapter:
     @property
     def problems(self) -> list[str]:
         return list(getattr(self.src, "problems", []) or [])
+
+    def state(self) -> dict[str, Any]:
+        return self.src.state() if hasattr(self.src, "state") else {}
 
     def synced(self) -> bool:
         return bool(self.src.synced())

@@ -87,11 +87,13 @@ def _agent(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
 
+    from fabric import logs
+
+    logs.setup(args.log_level, args.log_format)
     c = _load(args.config)
     if c is None:
         return EXIT_BAD_CONFIG
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.register_secrets(p.password for p in c.peers)
     from fabric.agent import Agent
 
     return asyncio.run(Agent(c, Path(args.config)).run())
@@ -183,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("agent", help="run the node agent (foreground)")
     a.add_argument("-c", "--config", **_config_arg())
     a.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    a.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text: human lines (default); json: one JSON object per line (time, level, logger, msg, exc)")
     a.set_defaults(func=_agent)
 
     st = sub.add_parser("status", help="show the running agent's status")

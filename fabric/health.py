@@ -1,13 +1,17 @@
-"""A tiny asyncio HTTP endpoint for liveness/readiness probes (`/healthz`, `/readyz`)."""
+"""A tiny asyncio HTTP endpoint: liveness/readiness probes (`/healthz`, `/readyz`) and `/metrics`.
+
+The handler returns (status, body) with a text/plain body, or (status, body, content type) with bytes.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 
 class HealthServer:
-    def __init__(self, listen: str, handler: Callable[[str], tuple[int, str]]) -> None:
+    def __init__(self, listen: str, handler: Callable[[str], tuple[Any, ...]]) -> None:
         host, _, port = listen.rpartition(":")
         self.host = host or "0.0.0.0"
         self.port = int(port)
@@ -27,10 +31,11 @@ class HealthServer:
             line = await asyncio.wait_for(reader.readline(), 5)
             parts = line.decode(errors="replace").split()
             path = parts[1] if len(parts) >= 2 else "/"
-            code, body = self.handler(path)
-            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}.get(code, "")
-            writer.write(f"HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
-                         f"Connection: close\r\n\r\n{body}".encode())
+            code, body, *ctype = self.handler(path.split("?", 1)[0])
+            data = body if isinstance(body, bytes) else body.encode()
+            reason = {200: "OK", 404: "Not Found", 500: "Internal Server Error", 503: "Service Unavailable"}.get(code, "")
+            writer.write(f"HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype[0] if ctype else 'text/plain'}\r\n"
+                         f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
             await writer.drain()
         except (asyncio.TimeoutError, ConnectionError):
             pass

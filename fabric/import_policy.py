@@ -14,24 +14,40 @@ import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
-from bgp.policy import ExternalImportPolicy, MeshImportPolicy, Rejection, RejectionLog
+from bgp.policy import ExternalImportPolicy, MeshImportPolicy, Reason, Rejection, RejectionLog
 from fabric.config import AgentConfig
 from fabric.inputs import NodeInfo
 
 Learned = dict[ipaddress.IPv4Network, set[tuple[str, ipaddress.IPv4Address]]]
+EBGP_POD_CIDR = Reason("pod-cidr-from-ebgp", "pod CIDR from an eBGP peer (our own routes coming back; pod routes "
+                                             "come from the cluster)")
+
+
+class Fresh(str):
+    """A rejection not reported before, as the line "peer P: prefix: reason"; `.peer`, `.rejection`."""
+
+    peer: str
+    rejection: Rejection
+
+    def __new__(cls, peer: str, r: Rejection) -> "Fresh":
+        s = super().__new__(cls, f"peer {peer}: {r.prefix}: {r.reason}")
+        s.peer, s.rejection = peer, r
+        return s
 
 
 class ImportFilter:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self._log = RejectionLog()
-        self._active: dict[tuple[str, ipaddress.IPv4Network], str] = {}
+        # (peer, prefix) -> why it is refused now. Replaced whole by each filter() (never mutated after),
+        # so another thread may read the reference it got.
+        self._active: dict[tuple[str, ipaddress.IPv4Network], Rejection] = {}
 
     def filter(self, routes: Mapping[ipaddress.IPv4Network, Iterable[tuple[str, ipaddress.IPv4Address]]],
                kinds: Mapping[str, str], nodes: Mapping[str, NodeInfo],
                own_pod_cidrs: Iterable[ipaddress.IPv4Network],
                ibgp: Iterable[str] = (), only: set[ipaddress.IPv4Network] | None = None,
-               node_networks: Iterable[ipaddress.IPv4Network] = ()) -> tuple[Learned, list[str]]:
+               node_networks: Iterable[ipaddress.IPv4Network] = ()) -> tuple[Learned, list[Fresh]]:
         """Accepted routes, and the rejections not logged before ("peer P: prefix: reason").
         `kinds`: neighbor name -> "mesh" | "external"; `ibgp`: external neighbors in our own ASN;
         `node_networks`: this node's own subnet(s), refused from external peers that did not opt in.
@@ -47,8 +63,8 @@ class ImportFilter:
                 by_peer[peer][prefix] = nh
         ibgp_set = set(ibgp)
         out: Learned = defaultdict(set)
-        fresh: list[str] = []
-        active: dict[tuple[str, ipaddress.IPv4Network], str] = (
+        fresh: list[Fresh] = []
+        active: dict[tuple[str, ipaddress.IPv4Network], Rejection] = (
             {} if only is None else {k: v for k, v in self._active.items() if k[1] not in only})
         for peer, prefixes in sorted(by_peer.items()):
             kind = kinds.get(peer)
@@ -62,8 +78,7 @@ class ImportFilter:
                 if peer in ibgp_set:
                     accepted, rejected = mesh.filter(pods)
                 else:
-                    accepted, rejected = [], [Rejection(p, "pod CIDR from an eBGP peer (our own routes coming "
-                                                           "back; pod routes come from the cluster)") for p in pods]
+                    accepted, rejected = [], [Rejection(p, EBGP_POD_CIDR) for p in pods]
                 pc = peers_cfg.get(peer)
                 imp = pc.import_filter if pc else None
                 policy = ExternalImportPolicy(imp, pc.max_prefixes if pc else None, node_addrs, nets,
@@ -74,13 +89,19 @@ class ImportFilter:
             for p in accepted:
                 out[p].add((peer, prefixes[p]))
             for r in rejected:
-                active[(peer, r.prefix)] = f"import from {peer} rejected {r.prefix}: {r.reason}"
-            fresh += [f"peer {peer}: {r.prefix}: {r.reason}" for r in self._log.new(peer, rejected)]
+                active[(peer, r.prefix)] = r
+            fresh += [Fresh(peer, r) for r in self._log.new(peer, rejected)]
         self._active = active
         return dict(out), fresh
 
     def _in_pool(self, prefix: ipaddress.IPv4Network) -> bool:
         return any(not p.disabled and prefix.subnet_of(p.cidr) for p in self.cfg.pools)
 
+    def active(self) -> dict[tuple[str, ipaddress.IPv4Network], Rejection]:
+        """(peer, prefix) -> the rejection in force (a reference to a dict no one mutates any more)."""
+        return self._active
+
     def active_rejections(self) -> list[str]:
-        return [self._active[k] for k in sorted(self._active, key=lambda k: (k[0], k[1].network_address, k[1].prefixlen))]
+        a = self._active
+        return [f"import from {k[0]} rejected {k[1]}: {a[k].reason}"
+                for k in sorted(a, key=lambda k: (k[0], k[1].network_address, k[1].prefixlen))]

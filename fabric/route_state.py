@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from fabric.config import Pool
 from fabric.import_policy import ImportFilter
@@ -44,12 +45,13 @@ class RouteState:
     inputs: RouteInputs | None = None
     routes: dict[Prefix, Route] = field(default_factory=dict)
     warnings: dict[Prefix, tuple[str, ...]] = field(default_factory=dict)
+    unusable: dict[Prefix, tuple[tuple[str, str], ...]] = field(default_factory=dict)  # (peer, why) per prefix
     tunnel_needed: bool = False
     tunnel_mtu: int = 0
 
     def update(self, inputs: RouteInputs, nodes: Mapping[str, NodeInfo], *, dirty: set[Prefix] | None,
                all_routes: Callable[[], Mapping[Prefix, Holders]], holders: Callable[[Prefix], Holders]
-               ) -> tuple[set[Prefix] | None, list[str]]:
+               ) -> tuple[set[Prefix] | None, list[Any]]:
         """Bring `routes` up to date. `dirty`: prefixes BGP changed since the last update (None: unknown,
         recompute everything). Returns (the prefixes to diff — None means all — and new rejections)."""
         full = dirty is None or inputs != self.inputs or inputs.per_peer_limits
@@ -63,6 +65,7 @@ class RouteState:
                                                        node_networks=nets)
             plan = desired_routes(learned=learned, **model)
             self.inputs, self.routes, self.warnings = inputs, dict(plan.routes), dict(plan.prefix_warnings)
+            self.unusable = dict(plan.unusable)
             self.tunnel_needed, self.tunnel_mtu = plan.tunnel_needed, plan.tunnel_mtu
             return None, fresh
         assert dirty is not None
@@ -81,9 +84,14 @@ class RouteState:
                 self.warnings[p] = plan.prefix_warnings[p]
             else:
                 self.warnings.pop(p, None)
+            if p in plan.unusable:
+                self.unusable[p] = plan.unusable[p]
+            else:
+                self.unusable.pop(p, None)
         return set(dirty), fresh
 
     def warning_lines(self) -> list[str]:
+        """The route model's warnings (unusable next hops are summarised apart: fabric.rejections)."""
         return [w for p in sorted(self.warnings) for w in self.warnings[p]]
 
 

@@ -68,7 +68,8 @@ class Runner:
     def __init__(self, store: Store, stages: Sequence[Stage], *, complete: Callable[[], bool],
                  min_interval: float = 0.0, resync_interval: float = 90.0, stage_timeout: float = 20.0,
                  clock: Callable[[], float] = time.monotonic, backoff: Backoff = Backoff(1.0, 30.0),
-                 on_result: Callable[[Stage, StageResult], None] | None = None) -> None:
+                 on_result: Callable[[Stage, StageResult], None] | None = None,
+                 on_run: Callable[[str, float, bool], None] | None = None) -> None:
         self.store = store
         self.complete = complete
         self.min_interval = min_interval
@@ -77,6 +78,7 @@ class Runner:
         self.clock = clock
         self.backoff = backoff
         self.on_result = on_result
+        self.on_run = on_run  # (stage, seconds, ok) after every run: metrics for every stage, present and future
         self.states: dict[str, StageState] = {}
         for s in stages:
             if s.name in self.states:
@@ -231,6 +233,11 @@ class Runner:
         st.deadline = res.next_deadline
         st.result = res
         st.prepared = None
+        if self.on_run is not None:
+            try:
+                self.on_run(stage.name, st.last_duration, not res.error)
+            except Exception:  # noqa: BLE001
+                log.exception("on_run failed for stage %s", stage.name)
         if self.on_result is not None:
             try:
                 self.on_result(stage, res)

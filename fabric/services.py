@@ -8,6 +8,7 @@ recovery once; `status()` lists what is failing now and when it is retried.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from collections.abc import Callable
@@ -20,7 +21,8 @@ from loadbalancer.proxy import ServiceProxy
 
 log = logging.getLogger("fabric.services")
 
-OWNED_FILE = "ipvs-owned"  # in paths.runDir: the IPVS virtual servers this agent made
+OWNED_FILE = "ipvs-owned"
+TABLE_ROWS = 500  # virtual servers listed in status.json (counts cover all; explain shows any one)  # in paths.runDir: the IPVS virtual servers this agent made
 
 
 class ServiceSync:
@@ -71,9 +73,34 @@ class ServiceSync:
     def next_deadline(self, now: float) -> float | None:
         return self.proxy.next_deadline(now)
 
+    def metrics(self, status: dict[str, Any]) -> list[Any]:
+        from fabric.stage import Gauge
+        from loadbalancer.nft import TABLE
+
+        out = [Gauge("ipvs_services", "IPVS virtual servers the agent programs", status["virtualServers"]),
+               Gauge("ipvs_destinations", "IPVS destinations (real servers) of those virtual servers",
+                     status["realServers"]),
+               Gauge("services_skipped", "Services not programmed: a field the agent can't use",
+                     len(status["skipped"])),
+               Gauge("services_failing", "Services (and node-level concerns) whose kernel writes failed, retried "
+                     "with backoff", len(status["failing"])),
+               Gauge("nft_rules", "Rules in an nftables table of the agent", self.proxy.nft_rules(),
+                     (("table", f"inet {TABLE}"),))]
+        out += [Gauge("nft_elements", "Elements in a set of an nftables table of the agent", n,
+                      (("table", f"inet {TABLE}"), ("set", name))) for name, n in sorted(self.proxy.nft_counts.items())]
+        return out
+
     def status(self) -> dict[str, Any]:
         desired = self.proxy.desired()
-        return {"virtualServers": len(desired),
+        failing = self.proxy.failing(self._clock())
+        owner = self.proxy.owner
+        rows = []
+        for key in heapq.nsmallest(TABLE_ROWS, desired, key=lambda k: (k[1], k[2], k[0])):
+            v, svc = desired[key], owner(key)
+            rows.append({"vs": f"{v.proto} {v.addr}:{v.port}", "service": svc, "scheduler": v.options_text(),
+                         "destinations": len(v.reals), "ready": sum(1 for r in v.reals if r.weight > 0),
+                         "state": "FAILING" if svc in failing else "ok"})
+        return {"virtualServers": len(desired), "table": rows, "tableTruncated": max(0, len(desired) - TABLE_ROWS),
                 "realServers": sum(len(v.reals) for v in desired.values()),
                 "skipped": self.proxy.errors(), "skippedSliceEntries": self.proxy.warnings(),
                 "skippedSlices": self.proxy.slice_errors(), "failing": self.proxy.failing(self._clock()),

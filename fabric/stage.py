@@ -7,7 +7,9 @@ known yet", not "no objects"). The runner (fabric.runner) decides when it runs; 
 what to do with what changed.
 
 Adding a stage: subclass `Stage`, set `name`, `kinds`, `on_worker`, `needs_source`, implement `run()`,
-and add it to the list in fabric.stages.build(). Its status, health, backoff and retry come for free.
+and add it to the list in fabric.stages.build(). Its status, health, backoff and retry come for free, and
+so do its metrics: run duration histogram, runs and failed runs, failing keys, last success, stalled
+(fabric.metrics); gauges of its own go in `StageResult.metrics`.
 
     class CniStage(Stage):
         name = "cni"
@@ -38,12 +40,24 @@ class StageInput:
     complete: bool  # the source has listed every kind at least once
 
 
+@dataclass(frozen=True)
+class Gauge:
+    """One sample a stage exports on /metrics (fabric.metrics names it `bgp_fabric_<name>`). Samples of
+    one name form one family: give them the same label names and help text."""
+
+    name: str  # e.g. "ipvs_services": lower case, digits and underscores
+    help: str
+    value: float
+    labels: tuple[tuple[str, str], ...] = ()
+
+
 @dataclass
 class StageResult:
     failures: dict[str, str] = field(default_factory=dict)  # key -> why; the stage retries each alone
     error: str | None = None  # the run failed as a whole: changes restored, retried by the runner
     next_deadline: float | None = None  # when the stage wants to run again (a key's retry, a timer)
     status: dict[str, Any] = field(default_factory=dict)  # shown under `stages.<name>` in status.json
+    metrics: list[Gauge] = field(default_factory=list)  # this stage's own gauges, as of this run
 
 
 class Stage:

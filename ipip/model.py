@@ -53,6 +53,7 @@ class NextHop:
     onlink: bool = False
 
 
+ROUTE_KINDS = ("direct", "ipip", "recursive", "blackhole", "ecmp")
 RouteKey = tuple[ipaddress.IPv4Network, int]  # (dst, metric): with table and tos what the kernel keys on
 
 
@@ -64,6 +65,20 @@ class Route:
     mtu: int | None = None
     metric: int = 0  # RTA_PRIORITY
     why: str = field(default="", compare=False)
+    # direct | ipip | recursive | blackhole | ecmp: how the route model built it (metrics); "" when
+    # read from the kernel (then guessed from the route itself, see kind_name)
+    shape: str = field(default="", compare=False)
+
+    def kind_name(self) -> str:
+        """One of ROUTE_KINDS: the model's shape, or for a route read from the kernel a guess from its
+        hops (onlink hops are how this agent writes IPIP; recursion can't be seen in a kernel route)."""
+        if self.shape:
+            return self.shape
+        if self.kind == "blackhole":
+            return "blackhole"
+        if len(self.nexthops) > 1:
+            return "ecmp"
+        return "ipip" if any(h.onlink for h in self.nexthops) else "direct"
 
     def key(self) -> tuple:
         """What must match in the kernel (the reason does not)."""
@@ -123,6 +138,9 @@ class RoutePlan:
     tunnel_mtu: int
     warnings: tuple[str, ...] = ()
     prefix_warnings: dict[ipaddress.IPv4Network, tuple[str, ...]] = field(default_factory=dict)
+    # (peer, why) per prefix whose next hop from that peer can't be used (nothing installed for it;
+    # not in `warnings`: the caller summarises them per peer, see unusable_lines)
+    unusable: dict[ipaddress.IPv4Network, tuple[tuple[str, str], ...]] = field(default_factory=dict)
 
 
 def same_subnet_network(kernel_prefix: ipaddress.IPv4Interface,
@@ -209,6 +227,7 @@ def desired_routes(*, facts: NodeFacts, pools: list[Pool], local_pod_cidrs: Iter
                    external_metric: int = 0) -> RoutePlan:
     routes: dict[ipaddress.IPv4Network, Route] = {}
     warnings: dict[ipaddress.IPv4Network, list[str]] = {}
+    unusable: dict[ipaddress.IPv4Network, list[tuple[str, str]]] = {}
     tunnel_mtu = facts.mtu - IPIP_OVERHEAD
     tunnel_needed = any(p.ipip_mode is not IPIPMode.NEVER and not p.disabled for p in pools)
 
@@ -216,7 +235,7 @@ def desired_routes(*, facts: NodeFacts, pools: list[Pool], local_pod_cidrs: Iter
     for cidr in sorted(local):
         # As Calico: unused addresses of our own block must not follow the default route out.
         routes[cidr] = Route(cidr, "blackhole", why=f"local pod CIDR of this node ({cidr}): blackhole for unused "
-                                                     "addresses; pods have their own /32 routes")
+                                                     "addresses; pods have their own /32 routes", shape="blackhole")
 
     for prefix in sorted(learned):
         if prefix in local:
@@ -224,19 +243,22 @@ def desired_routes(*, facts: NodeFacts, pools: list[Pool], local_pod_cidrs: Iter
         hops: set[NextHop] = set()
         reasons: list[str] = []
         uses_tunnel = False
+        shapes: set[str] = set()
         pool = pool_for(prefix, pools)
         if pool is None:
             for peer, next_hop in sorted(learned[prefix], key=lambda t: (t[1], t[0])):
                 hop, why = _external_hop(peer, next_hop, (external or {}).get(peer), facts)
                 if hop is None:
-                    warnings.setdefault(prefix, []).append(f"{prefix} from {peer}: {why}: not installed")
+                    unusable.setdefault(prefix, []).append((peer, why))
                     continue
                 hops.add(hop)
+                shapes.add("recursive" if hop.gateway != next_hop else "direct")
                 reasons.append(f"from {peer} via {next_hop} (no pool: external route, metric {external_metric}) "
                                f"-> {why}")
             if hops:
                 routes[prefix] = Route(prefix, "unicast", tuple(sorted(hops)), metric=external_metric,
-                                       why="; ".join(reasons) + (" [ECMP]" if len(hops) > 1 else ""))
+                                       why="; ".join(reasons) + (" [ECMP]" if len(hops) > 1 else ""),
+                                       shape=_shape(hops, shapes))
             continue
         for peer, next_hop in sorted(learned[prefix], key=lambda t: (t[1], t[0])):
             same = next_hop in facts.network
@@ -246,14 +268,17 @@ def desired_routes(*, facts: NodeFacts, pools: list[Pool], local_pod_cidrs: Iter
             if mode is IPIPMode.ALWAYS or (mode is IPIPMode.CROSS_SUBNET and not same):
                 hops.add(NextHop(next_hop, tunnel_device, onlink=True))
                 uses_tunnel = True
+                shapes.add("ipip")
                 reasons.append(f"from {peer} via {next_hop} ({where}, {pool_txt}) -> IPIP via {tunnel_device}")
                 continue
             hop = resolve_underlay(next_hop, facts)
             if hop is None:
-                warnings.setdefault(prefix, []).append(f"{prefix} from {peer}: next hop {next_hop} is in another subnet and not routed by "
-                                f"the underlay ({pool_txt}): unreachable")
+                why = (f"next hop {next_hop} is in another subnet and not routed by the underlay ({pool_txt}): "
+                       "unreachable")
+                unusable.setdefault(prefix, []).append((peer, why))
                 continue
             hops.add(hop)
+            shapes.add("recursive" if hop.gateway != next_hop else "direct")
             if hop.gateway == next_hop:
                 reasons.append(f"from {peer} via {next_hop} ({where}, {pool_txt}) -> direct on {hop.device}")
             else:
@@ -266,6 +291,19 @@ def desired_routes(*, facts: NodeFacts, pools: list[Pool], local_pod_cidrs: Iter
             continue
         routes[prefix] = Route(prefix, "unicast", tuple(sorted(hops)),
                                mtu=tunnel_mtu if uses_tunnel else None,
-                               why="; ".join(reasons) + (" [ECMP]" if len(hops) > 1 else ""))
+                               why="; ".join(reasons) + (" [ECMP]" if len(hops) > 1 else ""),
+                               shape=_shape(hops, shapes))
     return RoutePlan(routes, tunnel_needed, tunnel_mtu, tuple(w for p in sorted(warnings) for w in warnings[p]),
-                     {p: tuple(ws) for p, ws in warnings.items()})
+                     {p: tuple(ws) for p, ws in warnings.items()}, {p: tuple(u) for p, u in unusable.items()})
+
+
+def unusable_lines(unusable: Mapping[ipaddress.IPv4Network, Iterable[tuple[str, str]]]) -> list[str]:
+    """One warning per unusable (prefix, peer), as `fabric plan` and explain print them."""
+    return [f"{p} from {peer}: {why}: not installed" for p in sorted(unusable) for peer, why in unusable[p]]
+
+
+def _shape(hops: set[NextHop], shapes: set[str]) -> str:
+    """ecmp for several next hops, else how its one hop is reached."""
+    if len(hops) > 1:
+        return "ecmp"
+    return next(iter(shapes)) if len(shapes) == 1 else "direct"

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from ipip.model import Route, RouteKey
+from ipip.model import ROUTE_KINDS, Route, RouteKey
 
 K = TypeVar("K")
 
@@ -98,13 +98,24 @@ class RouteReconciler:
         self.failures: Failures[RouteKey] = Failures(backoff)
         self._pending: set[RouteKey] = set()
         self.synced = False  # the dataplane side came from a dump at least once
+        # routes in the kernel as desired, by kind (Route.kind_name), kept per key change: O(change).
+        # Every kind is there from the start, so a reader on another thread never sees the dict grow.
+        self.programmed: dict[str, int] = {k: 0 for k in ROUTE_KINDS}
+        self._programmed_kind: dict[RouteKey, str] = {}
 
     # -- the desired side ---------------------------------------------------------------------------
     def _check(self, k: RouteKey) -> None:
         d, a = self.desired.get(k), self.dataplane.get(k)
+        was = self._programmed_kind.pop(k, None)
+        if was is not None:
+            self.programmed[was] -= 1
         if (d is None and a is None) or (d is not None and a is not None and d.key() == a.key()):
             self._pending.discard(k)
             self.failures.clear(k)
+            if d is not None:
+                kind = d.kind_name()
+                self._programmed_kind[k] = kind
+                self.programmed[kind] = self.programmed.get(kind, 0) + 1
         else:
             self._pending.add(k)
 

@@ -107,3 +107,17 @@ def render_delta(add: Iterable[NftElement], delete: Iterable[NftElement]) -> str
             if texts:
                 lines.append(f"{verb} element {FAMILY} {TABLE} {name} {{ {', '.join(texts)} }}")
     return "\n".join(lines) + ("\n" if lines else "")
+
+
+def rule_count(table_text: str) -> int:
+    """Rules in a rendered table: the lines inside chains other than their `type ... hook` line."""
+    n, in_chain = 0, False
+    for line in table_text.splitlines():
+        t = line.strip()
+        if t.startswith("chain "):
+            in_chain = True
+        elif t == "}":
+            in_chain = False
+        elif in_chain and t and not t.startswith("type "):
+            n += 1
+    return n

@@ -38,7 +38,7 @@ from loadbalancer import ipvs_kernel as k
 from loadbalancer.failures import Failure, next_deadline as failures_deadline, record
 from loadbalancer.health import HealthServers
 from loadbalancer.model import build_service, slice_service_key
-from loadbalancer.nft import render_delta, render_full
+from loadbalancer.nft import SET_TYPES, render_delta, render_full, rule_count
 from loadbalancer.owned import OwnedVirtualServers
 from loadbalancer.plan import Plan, diff_virtual_servers
 from loadbalancer.types import (ChangeSet as Changes, HealthCheck, NftElement, NodeContext, ObjectStore as Store,
@@ -137,6 +137,7 @@ class ServiceProxy:
         self._vs_owner: dict[VSKey, str] = {}
         self._addr_refs: dict[str, set[str]] = {}
         self._nft_refs: dict[NftElement, set[str]] = {}
+        self.nft_counts: dict[str, int] = {name: 0 for name in SET_TYPES}  # elements per set, kept per change
         self._slice_svc: dict[str, str] = {}
         self._svc_slices: dict[str, set[str]] = {}
         self._slice_errors: dict[str, str] = {}  # slice -> why it belongs to no service
@@ -541,8 +542,13 @@ class ServiceProxy:
         new = {s: st for s, st in plan.services.items() if st}
         _apply_refs(self._addr_refs, _refs_change(self._addr_refs, {s: st.addresses for s, st in old.items()},
                                                   {s: st.addresses for s, st in new.items()})[0])
-        _apply_refs(self._nft_refs, _refs_change(self._nft_refs, {s: st.nft for s, st in old.items()},
-                                                 {s: st.nft for s, st in new.items()})[0])
+        upd, added, removed = _refs_change(self._nft_refs, {s: st.nft for s, st in old.items()},
+                                           {s: st.nft for s, st in new.items()})
+        _apply_refs(self._nft_refs, upd)
+        for el in added:
+            self.nft_counts[el[0]] = self.nft_counts.get(el[0], 0) + 1
+        for el in removed:
+            self.nft_counts[el[0]] -= 1
         for s, st in old.items():
             for v in st.virtual_servers:
                 if self._vs_owner.get(v.key) == s:
@@ -577,6 +583,10 @@ class ServiceProxy:
     def errors(self) -> dict[str, str]:
         return dict(self._errors)
 
+    def owner(self, key: VSKey) -> str:
+        """The service a desired virtual server belongs to ("" if none)."""
+        return self._vs_owner.get(key, "")
+
     def warnings(self) -> dict[str, tuple[str, ...]]:
         """Programmed services with malformed slice entries that were skipped."""
         return {s: st.warnings for s, st in self._states.items() if st.warnings}
@@ -600,6 +610,10 @@ class ServiceProxy:
         if self._owned.problem:
             out.append(self._owned.problem)
         return out
+
+    def nft_rules(self) -> int:
+        """Rules in the service table as rendered for this node (they do not depend on the services)."""
+        return 0 if self._nft_unusable else rule_count(self._render_nft(()))
 
     def ownership_note(self) -> str | None:
         return self._adopted_note

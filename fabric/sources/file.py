@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,27 +139,52 @@ class FileSource:
         self.store = store
         self.path = path
         self.problems: list[str] = []
+        self.error: list[str] = []  # why the file as it is now is refused (the last good state stays)
+        self.loaded_at: float | None = None  # wall clock of the last accepted read
+        self.refused_at: float | None = None  # wall clock of the last refused read
+        self.on_change: Callable[[], None] | None = None  # problems changed: the agent rewrites its status
         self._loaded = False
+        self._skipped: list[str] = []  # entries skipped from the file in effect
         self._watch: DirWatch | None = None
 
     def synced(self) -> bool:
         return self._loaded
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": "file", "path": str(self.path), "synced": self._loaded, "loadedAt": self.loaded_at,
+                "refusedAt": self.refused_at if self.error else None, "error": list(self.error),
+                "skipped": [p for p in self.problems if p not in self.error]}
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def reload(self) -> bool:
         try:
             parsed = parse_cluster_file(self.path)
         except ConfigError as e:
             problems = [f"{self.path}: {p}" for p in e.problems]
-            if problems != self.problems:
+            if problems != self.error:
                 for p in problems:
                     log.error("cluster file refused, keeping the last good state: %s", p)
-            self.problems = problems
+            # The entries skipped from the last good file still stand; the refusal comes first.
+            before = self.problems
+            self.error, self.refused_at = problems, time.time()
+            self.problems = problems + [p for p in self._skipped]
+            if self.problems != before:
+                self._changed()
             return False
         problems = [f"{self.path}: {p}" for p in parsed.problems]
         for p in problems:
             if p not in self.problems:
                 log.error("cluster file entry skipped (its last good version, if any, stays): %s", p)
-        self.problems = problems
+        if self.error:
+            log.info("cluster file %s accepted again", self.path)
+        changed_problems = problems != self.problems
+        self.problems, self._skipped, self.error = problems, problems, []
+        self.loaded_at = time.time()
+        if changed_problems:
+            self._changed()
         changed = load_into(self.store, parsed)
         self._loaded = True
         log.info("cluster file %s loaded: %d node(s), %d service(s), %d pod(s), %d network polic(ies), "

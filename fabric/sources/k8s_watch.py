@@ -76,8 +76,10 @@ class Reflector:
                  on_event: Callable[[str, dict[str, Any]], None], stop: threading.Event, *,
                  page_size: int = 500, watch_timeout: tuple[int, int] = (300, 600),
                  backoff: Backoff | None = None, on_missing: Callable[[], None] | None = None,
-                 request_timeout: tuple[float, float] = (10.0, 30.0)) -> None:
+                 request_timeout: tuple[float, float] = (10.0, 30.0),
+                 on_state: Callable[[], None] | None = None) -> None:
         self.kind = kind
+        self._on_state = on_state  # called (on this thread) when the reflector starts or stops failing
         self._list_fn = list_fn
         self._on_list = on_list
         self._on_event = on_event
@@ -94,6 +96,9 @@ class Reflector:
         self.lists = 0  # completed lists
         self.crashes = 0  # unexpected exceptions survived
         self.last_crash: str | None = None  # the last one, until the reflector works again
+        self.watches = 0  # watches started (the first, then every restart)
+        self.last_error: str | None = None  # the last failure, until a list or a watch event succeeds
+        self.failing_since: float | None = None  # wall clock of the first failure in a row
         self._fresh = False  # the next watch is the first one after a relist
 
     # ---- stopping ---------------------------------------------------------------------------------
@@ -160,10 +165,28 @@ class Reflector:
                 self._retry(text)
         log.debug("%s: reflector stopped", self.kind)
 
+    def _ok(self) -> None:
+        if self.failing_since is not None:
+            self.last_error, self.failing_since = None, None
+            self._state_changed()
+
+    def _state_changed(self) -> None:
+        if self._on_state is not None:
+            try:
+                self._on_state()
+            except Exception:  # noqa: BLE001 - status is best effort; the reflector goes on
+                log.exception("%s: state callback failed", self.kind)
+
     def _retry(self, why: str) -> None:
         if self._stop.is_set():
             return
         self.failures += 1
+        first, previous = self.failing_since is None, self.last_error
+        self.last_error = why
+        if first:
+            self.failing_since = time.time()
+        if first or why != previous:
+            self._state_changed()
         delay = self._backoff.next()
         log.warning("%s: %s; retrying in %.1fs", self.kind, why, delay)
         self._stop.wait(delay)
@@ -196,6 +219,7 @@ class Reflector:
                 self._on_list(items)
                 self.lists += 1
                 self.last_crash = None
+                self._ok()
                 return str(md.get("resourceVersion") or "")
 
     def _watch(self) -> None:
@@ -209,6 +233,8 @@ class Reflector:
                 raise Gone("watch: 410 Gone") from None
             raise
         self._track(resp)
+        self.watches += 1
+        self._ok()  # the API server answered the watch: reachable again
         started, seen = time.monotonic(), 0
         try:
             for line in _lines(resp):

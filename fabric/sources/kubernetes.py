@@ -46,6 +46,7 @@ from fabric.config import AgentConfig
 from fabric.config import KubernetesSource as KubernetesSourceConfig
 from fabric.crds import KINDS as CRD_KINDS
 from fabric.crds import CrdConfig, Problem
+from fabric.logs import register_secret
 from fabric.sources.k8s_convert import KIND_INFO, SkipObject, convert, key_of
 from fabric.sources.k8s_watch import Backoff, Reflector
 from fabric.tracker import KINDS, Store
@@ -123,6 +124,7 @@ class KubernetesSource:
         self._skipped: dict[tuple[str, str], str] = {}  # objects not recorded, and why
         self._crd_problems: list[str] = []
         self._crds = CrdConfig()
+        self.on_change: Callable[[], None] | None = None  # problems or reachability changed (any thread)
         core = k8s.CoreV1Api(self.api_client)
         custom = k8s.CustomObjectsApi(self.api_client)
         lists: dict[str, Callable[..., Any]] = {
@@ -140,7 +142,8 @@ class KubernetesSource:
             kind: Reflector(kind, lists[kind], self._lister(kind), self._watcher(kind), self._stop,
                             page_size=page_size, watch_timeout=watch_timeout, backoff=Backoff(*backoff),
                             request_timeout=request_timeout,
-                            on_missing=self._missing(kind) if kind in CRD_PLURALS else None)
+                            on_missing=self._missing(kind) if kind in CRD_PLURALS else None,
+                            on_state=self._changed)
             for kind in KINDS}
 
     # ---- lifecycle --------------------------------------------------------------------------------
@@ -170,6 +173,22 @@ class KubernetesSource:
 
     def synced(self) -> bool:
         return self.store.synced(KINDS)
+
+    def _changed(self) -> None:
+        cb = self.on_change
+        if cb is not None:
+            cb()
+
+    def state(self) -> dict[str, Any]:
+        """For status and metrics: per kind listed / lists / watches / errors / last error, and since when
+        the API server has failed every kind (None: reachable)."""
+        kinds = {}
+        for kind, r in self.reflectors.items():
+            kinds[kind] = {"synced": self.store.synced([kind]), "lists": r.lists, "watches": r.watches,
+                           "errors": r.failures, "lastError": r.last_error, "failingSince": r.failing_since}
+        since = [k["failingSince"] for k in kinds.values()]
+        return {"kind": "kubernetes", "synced": self.synced(), "kinds": kinds,
+                "unreachableSince": min(since) if since and all(x is not None for x in since) else None}
 
     # ---- recording --------------------------------------------------------------------------------
     def _lister(self, kind: str) -> Callable[[list[dict[str, Any]]], None]:
@@ -271,10 +290,13 @@ class KubernetesSource:
         data = body.get("data") or {}
         if key in data:
             try:
-                return base64.b64decode(data[key], validate=True).decode()
+                value = base64.b64decode(data[key], validate=True).decode()
             except (binascii.Error, UnicodeDecodeError):
                 raise SecretError(f"{where}: value is not base64-encoded UTF-8") from None
+            register_secret(value)  # never in a log line from here on
+            return value
         if key in (body.get("stringData") or {}):
+            register_secret(str(body["stringData"][key]))
             return str(body["stringData"][key])
         raise SecretError(f"{where}: no such key")
 

@@ -21,11 +21,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from fabric import rejections as rej
 from fabric.bgp_desired import local_pod_cidrs, peer_routing
 from fabric.config import AgentConfig
 from fabric.import_policy import ImportFilter
 from fabric.route_state import RouteState, make_inputs
-from fabric.stage import Stage, StageInput, StageResult
+from fabric.stage import Gauge, Stage, StageInput, StageResult
 from ipip.kernel import KernelView, OpError, set_sysctl
 from ipip.model import Route, RouteKey, same_subnet_network, tunnel_address
 from ipip.reconcile import Failures, RouteReconciler
@@ -85,6 +86,8 @@ class RoutesStage(Stage):
         self.tunnel_failures: Failures[str] = Failures()
         self.facts_warning: str | None = None
         self.errors: list[str] = []
+        self._reported: dict[tuple[str, str], int] = {}
+        self._problem_text: dict[RouteKey, str] = {}  # the refusal / conflict last logged per route key  # (peer, reason code) logged -> its count then
         self._forward_set = False
         self.applied = False  # a run got as far as writing (the desired state was known)
         # loop side
@@ -162,11 +165,15 @@ class RoutesStage(Stage):
         ops = self.rec.plan(now)
         refused = k.apply(ops.ops(), self.view.ifindex) if ops else []  # type: ignore[union-attr]
         self.rec.record(ops, [(e.op, e.route, e.errno) for e in refused], now)
+        # Each problem is logged when it starts or changes, not at every retry (status keeps the count).
+        fails = self.rec.failures.items
         for e in refused:
-            log.error("route %s %s refused: %s", e.op, e.route.text(), e.error)
+            if self._new_problem(e.route.id, fails):
+                log.error("route %s %s refused: %s (retried alone with backoff)", e.op, e.route.text(), e.error)
         for key, why in ops.conflicts.items():
-            log.error("route %s: %s", key[0], why)
-        if ops or ops.conflicts:
+            if self._new_problem(key, fails):
+                log.error("route %s: %s", key[0], why)
+        if len(refused) < len(ops.ops()) or (ops.conflicts and not all(fails[k].attempts > 1 for k in ops.conflicts)):
             conflicts = len(ops.conflicts) + sum(1 for e in refused if e.op == "create" and e.errno == errno.EEXIST)
             log.info("routes: %d deleted, %d written, %d refused, %d conflict(s)", len(ops.delete), len(ops.write),
                      len(refused), conflicts)
@@ -231,8 +238,6 @@ class RoutesStage(Stage):
                     else:
                         self._key_of.pop(pfx, None)
                 self.rec.update_desired(changes)
-        for r in rejections:
-            log.warning("import rejected: %s", r)
         return Computed(pods, inputs)
 
     def _tunnel(self, k: RouteKernelLike, now: float, pods: list[Prefix]) -> None:
@@ -273,21 +278,69 @@ class RoutesStage(Stage):
             failures["tunnel"] = f.error
         deadlines = [d for d in (self.rec.next_deadline(), self.tunnel_failures.next_deadline()) if d is not None]
         warnings = [w for w in [self.facts_warning] if w]
+        by_peer: dict[str, dict[Prefix, tuple[str, str]]] = {}
         with self._lock:
             if self.state is not None and waiting is None:
                 warnings += self.state.warning_lines()
-                warnings += self.state.import_filter.active_rejections()
+                by_peer = rej.verdicts(self.state.import_filter.active(), self.state.unusable)
             desired = len(self.state.routes) if self.state is not None else 0
+        summary = rej.summarise(by_peer)
+        warnings += rej.lines(summary)
+        self._log_rejections(summary)
         status: dict[str, Any] = {
             "desired": desired, "owned": len(self.rec.dataplane), "pending": len(self.rec.pending()),
             "conflicts": sum(1 for f in self.rec.failures.items.values() if f.conflict),
             "problems": self.rec.problems(), "warnings": warnings,
+            "programmed": dict(self.rec.programmed),
+            "rejected": summary, "rejectedAll": rej.full(by_peer),
             "errors": list(self.errors) + ([waiting] if waiting and self.view is not None
                                             and waiting == self.view.facts_error else []),
         }
         if waiting:
             status["waiting"] = waiting
-        return StageResult(failures=failures, next_deadline=min(deadlines) if deadlines else None, status=status)
+        return StageResult(failures=failures, next_deadline=min(deadlines) if deadlines else None, status=status,
+                           metrics=self._metrics(status, summary))
+
+    def _metrics(self, status: dict[str, Any], summary: dict[str, dict[str, dict[str, Any]]]) -> list[Gauge]:
+        out = [Gauge("routes_programmed", "Routes in the kernel as the agent wants them, by kind", status["programmed"][k],
+                     (("kind", k),)) for k in sorted(status["programmed"])]
+        out += [Gauge("routes_desired", "Routes the agent wants in the kernel", status["desired"]),
+                Gauge("routes_pending", "Desired routes not (yet) in the kernel as wanted", status["pending"]),
+                Gauge("routes_conflicts", "Routes not written: another owner's route holds the key", status["conflicts"]),
+                Gauge("routes_failed", "Routes the kernel refused, retried alone with backoff",
+                      sum(1 for f in self.rec.failures.items.values() if not f.conflict))]
+        counts = self.agent.rib.counts()
+        for peer in sorted(set(counts) | set(summary)):
+            refused = 0
+            for code, g in sorted(summary.get(peer, {}).items()):
+                refused += g["count"]
+                out.append(Gauge("bgp_prefixes_rejected", "Prefixes from the peer not used, by reason (import "
+                                 "policy or an unusable next hop)", g["count"], (("peer", peer), ("reason", code))))
+            out.append(Gauge("bgp_prefixes_accepted", "Prefixes from the peer that are used (received - rejected)",
+                             max(0, counts.get(peer, {}).get("routes", 0) - refused), (("peer", peer),)))
+        return out
+
+    def _new_problem(self, key: RouteKey, fails: dict) -> bool:
+        f = fails.get(key)
+        text = f.error if f is not None else ""
+        new = self._problem_text.get(key) != text
+        self._problem_text[key] = text
+        if len(self._problem_text) > 4 * (len(fails) + 64):  # keep it bounded: forget keys that recovered
+            self._problem_text = {k: v for k, v in self._problem_text.items() if k in fails}
+        return new
+
+    def _log_rejections(self, summary: dict[str, dict[str, dict[str, Any]]]) -> None:
+        """One line when a peer's routes start being refused for a reason, one when that ends: never one
+        per prefix (a peer sending 10,000 bad prefixes is two lines), never again on a resync."""
+        now = {(peer, code): g for peer, groups in summary.items() for code, g in groups.items()}
+        for (peer, code), g in sorted(now.items()):
+            if (peer, code) not in self._reported:
+                more = f" and {g['count'] - len(g['examples'])} more" if g["count"] > len(g["examples"]) else ""
+                log.warning("peer %s: %d prefix(es) not used (%s): %s, e.g. %s%s", peer, g["count"], code, g["reason"],
+                            ", ".join(g["examples"]), more)
+        for peer, code in sorted(self._reported.keys() - now.keys()):
+            log.info("peer %s: no prefix refused for %s any more", peer, code)
+        self._reported = {k: g["count"] for k, g in now.items()}
 
     # -- for the status snapshot (event loop) --------------------------------------------------------
     def routes_snapshot(self) -> dict[Prefix, Route]:

@@ -37,7 +37,8 @@ class ServicesStage(Stage):
         deadline = self.sync.next_deadline(inp.now) if hasattr(self.sync, "next_deadline") else None
         if getattr(self.sync, "warnings", None):
             status.setdefault("warnings", list(self.sync.warnings))
-        return StageResult(failures=failures, next_deadline=deadline, status=status)
+        metrics = self.sync.metrics(status) if hasattr(self.sync, "metrics") else []
+        return StageResult(failures=failures, next_deadline=deadline, status=status, metrics=metrics)
 
     def close(self) -> None:
         if self.sync is not None and hasattr(self.sync, "close"):

@@ -498,3 +498,32 @@ def test_a_bad_node_at_start_keeps_the_previous_runs_last_good_version(api: Fake
     h.started()
     assert h.store.get("Node", "n2") == good
     assert any("Node/n2" in p for p in h.sources[0].problems)
+
+
+def test_state_counts_relists_and_watch_restarts_and_says_since_when_the_api_is_unreachable(
+        api: FakeApiServer, h: Harness) -> None:
+    seed(api)
+    src = h.started()
+    changes: list[int] = []
+    src.on_change = lambda: changes.append(1)
+    st = src.state()
+    assert st["synced"] and st["unreachableSince"] is None
+    assert all(k["lists"] == 1 and k["watches"] >= 1 and k["lastError"] is None for k in st["kinds"].values())
+    api.expire_watches()  # 410 on every watch: a relist each
+    wait_until(lambda: all(k["lists"] == 2 for k in src.state()["kinds"].values()), "relisted")
+    watches = src.state()["kinds"]["Node"]["watches"]
+    api.drop_watches()  # a watch that ends is started again (no relist)
+    wait_until(lambda: src.state()["kinds"]["Node"]["watches"] > watches, "watch restarted")
+    assert src.state()["kinds"]["Node"]["lists"] == 2
+    t0 = time.time()
+    api.go_down()
+    wait_until(lambda: src.state()["unreachableSince"] is not None, "every kind failing")
+    down = src.state()
+    assert t0 - 1 <= down["unreachableSince"] <= time.time()
+    assert all(k["lastError"] and k["errors"] >= 1 for k in down["kinds"].values())
+    assert changes, "the agent is told when the source starts failing (status is written at once)"
+    n = len(changes)
+    api.come_up()
+    wait_until(lambda: src.state()["unreachableSince"] is None
+               and all(k["lastError"] is None for k in src.state()["kinds"].values()), "reachable again")
+    assert len(changes) > n

@@ -7,7 +7,7 @@ from ipaddress import IPv4Address as A, IPv4Interface as I, IPv4Network as N
 import pytest
 
 from fabric.config import IPIPMode, Pool
-from ipip.model import (NextHop, NodeFacts, PeerRouting, Route, UnderlayRoute, desired_routes,
+from ipip.model import (NextHop, NodeFacts, PeerRouting, Route, UnderlayRoute, desired_routes, unusable_lines,
                         same_subnet_network, tunnel_address)
 from ipip.reconcile import RouteReconciler
 
@@ -53,7 +53,8 @@ def test_never_cross_subnet_without_underlay_route_is_unreachable() -> None:
     facts = NodeFacts(A("10.0.1.11"), N("10.0.1.0/24"), "eth1", 1500, routes=())
     p = plan(IPIPMode.NEVER, {P_OTHER: {("node-b1", OTHER)}}, facts)
     assert P_OTHER not in p.routes
-    assert any("unreachable" in w for w in p.warnings)
+    assert [w for _, w in p.unusable[P_OTHER]] and "unreachable" in p.unusable[P_OTHER][0][1]
+    assert "unreachable: not installed" in unusable_lines(p.unusable)[0]
 
 
 def test_local_pod_cidr_is_blackhole_and_never_learned() -> None:
@@ -150,9 +151,11 @@ def test_external_next_hop_policies(policy: str, nh: A, hop: NextHop | None) -> 
     r = p.routes.get(N("10.0.9.0/24"))
     if hop is None:
         assert r is None
-        assert p.warnings and "not installed" in p.warnings[0]
+        lines = unusable_lines(p.unusable)
+        assert lines and "not installed" in lines[0] and not p.warnings
     else:
-        assert r is not None and r.nexthops == (hop,) and r.metric == 4096 and not p.warnings
+        assert r is not None and r.nexthops == (hop,) and r.metric == 4096 and not p.warnings and not p.unusable
+        assert r.shape == ("direct" if hop.gateway == nh else "recursive")
 
 
 def test_external_routes_carry_the_external_metric_pod_routes_do_not() -> None:
