@@ -142,6 +142,38 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain_target(args: argparse.Namespace) -> int:
+    """A service (ns/name, name) or VIP[:port]: the service part; an address or prefix: the route part
+    too (an address can be both a VIP and inside a routed prefix)."""
+    import ipaddress
+    from pathlib import Path
+
+    from fabric import plan
+
+    c = _load(args.config)
+    if c is None:
+        return EXIT_BAD_CONFIG
+    target = args.target
+    try:
+        text = plan.explain_services(c, Path(args.config), target) if c.services.enabled else None
+    except cfg.ConfigError as e:
+        for line in e.problems:
+            print(f"{e.source}: {line}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    try:
+        ipaddress.IPv4Network(target, strict=False)
+    except ValueError:
+        if text is None:
+            print(f"explain: {target!r} is no service (ns/name), VIP[:port], address or prefix known here",
+                  file=sys.stderr)
+            return 1
+        print(text)
+        return 0
+    if text:
+        print(text)
+    return _plan(args)
+
+
 def _config_arg() -> dict:
     """-c defaults to $FABRIC_CONFIG (set on a lab's agent nodes, so `fabric lab exec NODE -- fabric status` works)."""
     env = os.environ.get("FABRIC_CONFIG")
@@ -152,9 +184,10 @@ def _explain(args: argparse.Namespace) -> int:
     """Exit 0: allowed (or a route explained), 1: denied, 2: bad config or arguments."""
     if args.flow is None:
         if args.target is None:
-            print("fabric explain: give a TARGET address/prefix or --flow SRC DST PORT/PROTO", file=sys.stderr)
+            print("fabric explain: give a TARGET (service, VIP[:port], address or prefix) or --flow SRC DST "
+                  "PORT/PROTO", file=sys.stderr)
             return EXIT_BAD_CONFIG
-        return _plan(args)
+        return _explain_target(args)
     from fabric.policy.explain import FlowError, explain_flow, load_cluster
 
     c = _load(args.config)
@@ -201,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("explain", help="why a route/prefix/address is (or is not) programmed; with --flow, "
                                         "whether NetworkPolicy allows a connection and by which policy and rule")
     ex.add_argument("-c", "--config", **_config_arg())
-    ex.add_argument("target", nargs="?", help="an IPv4 address or prefix")
+    ex.add_argument("target", nargs="?", help="a service (namespace/name), a VIP[:port], an IPv4 address or prefix")
     ex.add_argument("--flow", nargs=3, metavar=("SRC", "DST", "PORT/PROTO"),
                     help="SRC and DST: a pod (namespace/name), a node name or an IPv4 address; PORT/PROTO: 80/tcp")
     ex.set_defaults(func=_explain)

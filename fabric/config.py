@@ -100,6 +100,16 @@ class Pool(Model):
     ipip_mode: IPIPMode = IPIPMode.CROSS_SUBNET
     nat_outgoing: bool = True
     disabled: bool = False
+    # The prefix length of each node's pod CIDR in this pool (Calico's block size). Node pod CIDRs come
+    # from Kubernetes' node IPAM (kube-controller-manager --node-cidr-mask-size); one of another length
+    # is reported (status, log once): it still works, but the cluster's IPAM and this pool disagree.
+    block_size: int | None = Field(default=None, ge=20, le=32)
+
+    @model_validator(mode="after")
+    def _block(self) -> "Pool":
+        if self.block_size is not None and self.block_size < self.cidr.prefixlen:
+            raise ValueError(f"blockSize: /{self.block_size} blocks don't fit in {self.cidr}")
+        return self
 
 
 class ClusterSettings(Model):

@@ -9,7 +9,8 @@ the file, and then all of them together by `AgentConfig` (duplicate peers, overl
   serviceLoadBalancerIPs (CIDR lists), communities, gracefulRestartTime, holdTime, keepaliveTime.
 - BGPPeer: one external peer named after the object. `password.secretKeyRef {name, key}` is resolved
   through the `secret(name, key)` callable the caller passes (the Kubernetes source's `read_secret`).
-- IPPool: cidr, ipipMode, natOutgoing, disabled, blockSize (checked here; the dataplane does not use it).
+- IPPool: cidr, ipipMode, natOutgoing, disabled, blockSize (the length nodes' pod CIDRs in it should have:
+  a node whose pod CIDR differs is reported, fabric.stages.config).
 - Peers from the CRDs are added to those of the base config file. Pools: once any IPPool object
   exists, the IPPools ARE the pools (as in Calico, where the file's pool is only the bootstrap
   default, like CALICO_IPV4POOL_CIDR); otherwise the file's pools apply. So an IPPool edit (e.g.
@@ -248,6 +249,7 @@ def _ip_pool(obj: Mapping[str, Any]) -> Pool:
             raise _Invalid([("spec.blockSize", "must be an integer from 20 to 32")])
         if block < pool.cidr.prefixlen:
             raise _Invalid([("spec.blockSize", f"/{block} blocks don't fit in {pool.cidr}")])
+        pool = pool.model_copy(update={"block_size": block})
     return pool
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bgp.events import RoutesAnnounced
-from fabric import lastgood, status as status_mod
+from fabric import lastgood, rejections as rej, status as status_mod
 from fabric.bgp_desired import desired_announcements, desired_neighbors, local_pod_cidrs
 from fabric.config import AgentConfig, ConfigError
 from fabric.effective import EffectiveConfig
@@ -124,7 +124,8 @@ def compute(cfg: AgentConfig, config_path: Path) -> dict[str, Any]:
     ibgp = [n.name for n in neighbors if n.kind == "external" and n.peer_as == n.local_as]
     learned, _ = ImportFilter(cfg).filter(learned_raw, kinds, nodes, pods, ibgp, node_networks=(view.facts.network,))
     assert stage.state is not None
-    return {"ops": ops, "routes": routes, "foreign": dict(stage.rec.foreign),
+    verdicts = rej.verdicts(stage.state.import_filter.active(), stage.state.unusable)
+    return {"ops": ops, "routes": routes, "verdicts": verdicts, "foreign": dict(stage.rec.foreign),
             "tunnel_needed": stage.state.tunnel_needed,
             "tunnel_mtu": stage.state.tunnel_mtu, "warnings": stage._result(inp.now).status["warnings"],
             "neighbors": neighbors, "announcements": desired_announcements(cfg, pods, neighbors),
@@ -167,10 +168,20 @@ def render_explain(r: dict[str, Any], target: str) -> str:
     matches = [d for d in routes if net.subnet_of(d)]
     out = []
     raw = {p: s for p, s in r["learned_raw"].items() if net.subnet_of(p) or p.subnet_of(net)}
+    verdicts = r.get("verdicts") or {}
     for p, holders in sorted(raw.items()):
-        acc = "accepted" if p in r["learned"] else "REJECTED by import policy"
-        out.append(f"learned {p} from " + ", ".join(f"{peer} (next hop {nh})" for peer, nh in sorted(holders))
-                   + f": {acc}")
+        # every source of the prefix with its own verdict: one rejected source never hides another's route
+        out.append(f"learned {p} from {len(holders)} source(s):")
+        for peer, nh in sorted(holders):
+            v = verdicts.get(peer, {}).get(p)
+            if v is None:
+                used = p in routes and any(h.gateway == nh for h in routes[p].nexthops)
+                verdict = "accepted" + ("" if used else " (not in the route: see below)")
+            elif v[0] == rej.NEXT_HOP:
+                verdict = f"accepted by import policy, next hop unusable: {v[1]}"
+            else:
+                verdict = f"REJECTED by import policy ({v[0]}): {v[1]}"
+            out.append(f"  {peer} (next hop {nh}): {verdict}")
     if not matches:
         out.append(f"no fabric route covers {net}")
     for d in sorted(matches, key=lambda d: -d.prefixlen):
@@ -182,4 +193,42 @@ def render_explain(r: dict[str, Any], target: str) -> str:
     for a in r["announcements"].values():
         if net.subnet_of(a.prefix):
             out.append(f"announced {a.prefix}: {a.why}")
+    return "\n".join(out)
+
+
+def explain_services(cfg: AgentConfig, config_path: Path, target: str) -> str | None:
+    """Lines for the services `target` names (`ns/name`, `name`, `VIP[:port]`), from the configured source
+    and the running agent's status (failing, skipped); None when it names no service."""
+    from loadbalancer import explain as lbx
+    from loadbalancer.proxy import node_context
+
+    base = config_path.resolve().parent
+    store = Store(default_consumer=False)
+    notes, _ = _load_source(cfg, base, store)
+    ctx = node_context(cfg.services, cfg.node.name, [str(cfg.node.address.ip)])
+    services = store.snapshot("Service")
+    keys, only = lbx.find(target, services, ctx)
+    if not keys:
+        return None
+    slices = list(store.snapshot("EndpointSlice").values())
+    run_dir = Path(cfg.paths.run_dir)
+    run_dir = run_dir if run_dir.is_absolute() else base / run_dir
+    try:
+        svc_status = status_mod.read(run_dir).get("services") or {}
+        agent_note = None
+    except (OSError, ValueError):
+        svc_status, agent_note = {}, f"(no running agent status in {run_dir}: whether it is programmed is not known)"
+    out: list[str] = []
+    for k in keys:
+        out += lbx.explain_service(services[k], lbx.slices_of(k, slices), ctx, device=cfg.services.device, only=only)
+        f = (svc_status.get("failing") or {}).get(k)
+        if f:
+            out.append(f"  the agent: FAILING ({f.get('attempts')} in a row, retry in {f.get('retryIn')}s): "
+                       + "; ".join(f.get("errors", [])))
+        elif k in (svc_status.get("skipped") or {}):
+            out.append(f"  the agent: skipped: {svc_status['skipped'][k]}")
+        elif svc_status:
+            out.append("  the agent: programmed (no failure reported)")
+    if agent_note:
+        out.append(agent_note)
     return "\n".join(out)

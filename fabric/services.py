@@ -37,6 +37,7 @@ class ServiceSync:
         self.last_errors: dict[str, list[str]] = {}
         self.kernel_ops = 0
         self._noted: str | None = None
+        self._skipped_logged: dict[str, tuple[str, ...]] = {}
 
     def sync(self, store: Store, changes: Changes, full: bool = False) -> None:
         if full:
@@ -51,6 +52,12 @@ class ServiceSync:
         for key in sorted(self.last_errors.keys() - standing.keys()):
             log.info("%s: recovered", _subject(key))
         self.last_errors = standing
+        skipped = self.proxy.warnings()  # malformed slice entries (an address that is not IPv4, ...): said once
+        for svc, ws in sorted(skipped.items()):
+            for w in ws:
+                if w not in self._skipped_logged.get(svc, ()):
+                    log.warning("service %s: %s", svc, w)
+        self._skipped_logged = skipped
         for w in result.warnings:
             log.warning("services: %s", w)
         note = self.proxy.ownership_note()

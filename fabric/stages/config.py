@@ -22,6 +22,18 @@ from fabric.stage import Stage, StageInput, StageResult
 log = logging.getLogger("fabric.config")
 
 
+def block_size_problems(pools: Any, nodes: dict[str, Any]) -> list[str]:
+    """Nodes whose pod CIDR in a pool with a blockSize has another prefix length (O(nodes x pools))."""
+    out = []
+    for name, n in sorted(nodes.items()):
+        for c in getattr(n, "pod_cidrs", None) or []:
+            for p in pools:
+                if p.block_size is not None and c.subnet_of(p.cidr) and c.prefixlen != p.block_size:
+                    out.append(f"node {name}: pod CIDR {c} is a /{c.prefixlen}, pool {p.cidr} says blockSize "
+                               f"{p.block_size} (the cluster's node IPAM and the pool disagree; routing still works)")
+    return out
+
+
 class ConfigStage(Stage):
     name = "config"
     kinds = frozenset({"Node", *CRD_KINDS})
@@ -36,6 +48,7 @@ class ConfigStage(Stage):
         self.from_complete = False
         self._saved: dict[str, Any] | None = None
         self.persist_error: str | None = None
+        self.block_problems: list[str] = []
 
     def compute(self, complete: bool) -> AgentConfig:
         """The effective config from the Store (complete source) or from the persisted objects."""
@@ -59,7 +72,14 @@ class ConfigStage(Stage):
             self.agent.publish_config(self.compute(inp.complete), inp.complete)
         if inp.complete and (crd or inp.changes.of("Node")):
             self._persist()
-        status: dict[str, Any] = {"fromCompleteSource": self.from_complete, "warnings": list(self.problems)}
+        if crd or inp.changes.of("Node"):
+            blocks = block_size_problems(self.agent.cfg.pools, self.agent.store.snapshot("Node"))
+            for b in blocks:
+                if b not in self.block_problems:
+                    log.warning("%s", b)
+            self.block_problems = blocks
+        status: dict[str, Any] = {"fromCompleteSource": self.from_complete,
+                                  "warnings": list(self.problems) + self.block_problems}
         if self.persist_error:
             status["errors"] = [self.persist_error]
         return StageResult(status=status)

@@ -10,7 +10,9 @@ import jsonschema
 import pytest
 import yaml
 
-from fabric.config import AgentConfig, IPIPMode, parse
+from pydantic import ValidationError
+
+from fabric.config import AgentConfig, IPIPMode, Pool, parse
 from fabric.crds import CrdConfig, Problem, parse_node_selector, secret_refs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -340,3 +342,26 @@ def test_node_selector_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="accepted: all()|label"):
         parse_node_selector(text)
     assert "spec.nodeSelector" in schema_errors("BGPPeer", obj("BGPPeer", "p", peer_with(nodeSelector=text)))
+
+
+def test_block_size_is_carried_and_a_node_of_another_length_is_reported() -> None:
+    from fabric.inputs import NodeInfo
+    from fabric.stages.config import block_size_problems
+
+    pool = _ip_pool_of({"cidr": "10.244.0.0/16", "blockSize": 24})
+    assert pool.block_size == 24
+    nodes = {"a": NodeInfo(name="a", address="10.0.1.1", podCIDRs=["10.244.1.0/24"]),
+             "b": NodeInfo(name="b", address="10.0.1.2", podCIDRs=["10.244.2.0/26"]),
+             "c": NodeInfo(name="c", address="10.0.1.3", podCIDRs=["10.99.0.0/26"])}  # in no such pool
+    assert block_size_problems([pool], nodes) == [
+        "node b: pod CIDR 10.244.2.0/26 is a /26, pool 10.244.0.0/16 says blockSize 24 (the cluster's node IPAM "
+        "and the pool disagree; routing still works)"]
+    assert block_size_problems([pool.model_copy(update={"block_size": None})], nodes) == []
+    with pytest.raises(ValidationError, match="/20 blocks don't fit"):
+        Pool.model_validate({"cidr": "10.0.0.0/24", "blockSize": 20})
+
+
+def _ip_pool_of(spec: dict) -> Pool:
+    from fabric.crds import _ip_pool
+
+    return _ip_pool({"metadata": {"name": "p"}, "spec": spec})

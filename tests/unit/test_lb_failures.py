@@ -427,3 +427,34 @@ def test_the_agent_keeps_the_record_in_its_own_run_dir(tmp_path: Path) -> None:
     agent = Agent(cfg, tmp_path / "conf" / "agent.yaml")
     sync = _make_service_proxy(agent)
     assert sync.proxy._owned.path == tmp_path / "conf" / "run-n1" / "ipvs-owned" == agent.run_dir / "ipvs-owned"
+
+
+def test_a_malformed_endpoint_address_is_reported_not_dropped_silently(caplog) -> None:
+    """Logged once (not at every sync), listed in status and in `fabric status`'s text, counted nowhere as
+    a destination; the rest of the service is programmed."""
+    from fabric import status as status_mod
+    from fabric.config import parse
+    from fabric.services import ServiceSync
+
+    clock = Clock()
+    cfg = parse({"node": {"name": "node-a", "address": "10.0.1.11/24"}, "source": {"kind": "file", "path": "c"},
+                 "paths": {"runDir": "/nonexistent/run"}})
+    fake = FakeKernel()
+    sync = ServiceSync(cfg, Path("/nonexistent/run"), clock=clock, kernel_factory=lambda: fake)
+    store = Store()
+    sl = eps("web", ("10.244.1.5", READY), ("10.244.1.6", READY))
+    sl["endpoints"].append({"addresses": ["10.244.1.999"], "conditions": READY, "nodeName": "node-a"})
+    put(store, svc("web", "10.96.0.10"), sl)
+    caplog.set_level(logging.INFO, "fabric.services")
+    for _ in range(3):
+        sync.sync(store, store.take(), full=True)
+    lines = [r.getMessage() for r in caplog.records if "10.244.1.999" in r.getMessage()]
+    assert lines == ["service d/web: EndpointSlice d/web-1: endpoints[2].addresses[0]: '10.244.1.999' is not an "
+                     "IPv4 address; the address skipped"], lines
+    st = sync.status()
+    assert st["realServers"] == 2 and "d/web" in st["skippedSliceEntries"]
+    text = status_mod.render({"node": "node-a", "address": "10.0.1.11/24", "asn": 64512, "ready": True,
+                              "ipipModes": [], "peers": [], "routes": {}, "services": st})
+    assert "TCP 10.96.0.10:80" in text and "d/web" in text and "2/2" in text
+    assert "d/web: 1 slice entry skipped: EndpointSlice d/web-1: endpoints[2].addresses[0]" in text
+    assert "services: 1 virtual server(s), 2 destination(s); 0 skipped, 0 failing" in text
