@@ -88,6 +88,7 @@ class Runner:
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._logged: dict[str, str] = {}
+        self._complete_seen = False  # the source was complete at some change already
 
     # -- waking ------------------------------------------------------------------------------------
     def wake(self, name: str | None = None, *, full: bool = False) -> None:
@@ -110,8 +111,12 @@ class Runner:
         self._loop.call_soon_threadsafe(self._kind_changed, kind)
 
     def _kind_changed(self, kind: str) -> None:
+        # The source's first complete list can end with a kind some stage does not read (the last kind
+        # listed had no objects): each stage must see `complete` flip all the same, not at its resync.
+        became_complete = not self._complete_seen and self.complete()
+        self._complete_seen = self._complete_seen or became_complete
         for st in self.states.values():
-            if not kind or kind in st.stage.kinds:
+            if not kind or kind in st.stage.kinds or became_complete:
                 st.woken = True
         if self._wake is not None:
             self._wake.set()

@@ -153,3 +153,27 @@ def test_periodic_full_resync_and_result_deadlines() -> None:
 
     run_with([s], body, resync_interval=0.3)
 
+
+
+def test_every_stage_runs_again_when_the_source_completes_through_a_kind_it_does_not_read() -> None:
+    """The last kind of the first complete list may be one a stage does not read (it had no objects):
+    that stage must still see `complete` at once, not at its periodic resync."""
+    s = Recorder("config", {"Node"})
+    seen: list[bool] = []
+    orig = s.run
+
+    def run(inp: StageInput, prepared: Any) -> StageResult:
+        seen.append(inp.complete)
+        return orig(inp, prepared)
+
+    s.run = run  # type: ignore[method-assign]
+    done = {"v": False}
+
+    async def body(store: Store, runner: Runner) -> None:
+        store.replace("Node", {"n1": 1})
+        await until("a run while incomplete", lambda: seen and not seen[-1])
+        done["v"] = True
+        store.replace("Pod", {})  # the source is complete now; Pod changed nothing and config reads no Pod
+        await until("a run that sees the complete source", lambda: seen[-1] is True, timeout=2)
+
+    run_with([s], body, complete=lambda: done["v"], resync_interval=600)
