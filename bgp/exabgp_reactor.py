@@ -29,6 +29,7 @@ that each one exists and fails loudly when an upgrade moved one.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -111,6 +112,8 @@ class _State:
         self.wake_r = -1
         self.past_due = 0
         self.in_pending_check = False
+        self.reactor: Any = None  # ExaBGP's Reactor (set on its first wait): reports go to its API processes
+        self.reported: dict[str, tuple[str, str]] = {}  # peer address -> the last connect outcome reported
 
     def load_timers(self) -> None:
         if self.timers_path is None:
@@ -327,6 +330,7 @@ def _wait_for_io(self, sleeptime):  # type: ignore[no-untyped-def]
     matters is ours to watch, and the loop gives turns through active_peers)."""
     from exabgp.environment import getenv
 
+    STATE.reactor = self
     now = time.time()
     passive = bool(getenv().bgp.passive)
     poller = select.poll()
@@ -397,6 +401,62 @@ def _drain(fd: int) -> None:
         pass
 
 
+_SO_ERRORS: dict[int, int] = {}  # fd -> the error connect_result read (and so cleared)
+
+
+def connect_outcome(io: Any) -> tuple[bool | None, int]:
+    """connect_result and, when it failed, the socket's error (errno.ECONNREFUSED for a reset, ...)."""
+    fd = io.fileno()
+    _SO_ERRORS.pop(fd, None)
+    ok = connect_result(io)
+    err = _SO_ERRORS.pop(fd, 0)
+    if ok is False and not err:
+        try:
+            err = io.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            err = 0
+    return ok, err
+
+
+def outcome(connected: bool | None, err: int, issue: Exception | None) -> tuple[str, str]:
+    """(result, detail) of one attempt, as the agent's session tracker reads it (bgp.messages.ConnectMsg):
+    ok | refused (a reset: nothing listens, or it refuses us) | timeout (nothing came back within
+    connectRetry: a TCP-MD5 mismatch looks like this) | error (the errno's text)."""
+    if connected:
+        return "ok", ""
+    if issue is not None:
+        text = str(issue)
+        return ("refused" if "refused" in text.lower() else "error"), text
+    if connected is None:
+        return "timeout", ""
+    if err == errno.ECONNREFUSED:
+        return "refused", os.strerror(err)
+    return "error", os.strerror(err) if err else "connection failed"
+
+
+def report_connect(address: str, result: str, detail: str) -> None:
+    """Tell the agent (through the API processes that get neighbor changes) how an outgoing attempt went;
+    only when it differs from the last report for that peer (one line per change, not per attempt)."""
+    if STATE.reported.get(address) == (result, detail):
+        return
+    STATE.reported[address] = (result, detail)
+    reactor = STATE.reactor
+    if reactor is None or getattr(reactor, "processes", None) is None:
+        return
+    for peer in list(getattr(reactor, "_peers", {}).values()):
+        neighbor = peer.neighbor
+        if str(neighbor["peer-address"].top()) != address:
+            continue
+        line = json.dumps({"type": "fabric-connect", "neighbor": {"address": {"peer": address}},
+                           "connect": {"result": result, "detail": detail}})
+        try:
+            for process in neighbor.api["neighbor-changes"]:
+                reactor.processes.write(process, line, neighbor)
+        except Exception as e:  # noqa: BLE001 - a report must never break a connection attempt
+            _log_error(f"cannot report a connection attempt to {address}: {e}")
+        return
+
+
 def connect_result(io: Any) -> bool | None:
     """A non-blocking connect's outcome: True connected, False failed, None still in progress.
 
@@ -411,7 +471,9 @@ def connect_result(io: Any) -> bool | None:
     ev = events[0][1]
     if ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
         return False
-    if io.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+    err = io.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        _SO_ERRORS[io.fileno()] = err  # reading clears it: kept for connect_outcome
         return False
     try:
         io.getpeername()
@@ -428,12 +490,15 @@ def _establish(self):  # type: ignore[no-untyped-def]
             retry = STATE.for_peer(key).connect_retry
             started = time.monotonic()
             issue = self._connect()
+            connected, err = False, 0
             if issue is None and self.io is not None:
                 STATE.connecting[key] = _Attempt(self, self.io.fileno(), started + retry)
-                while (connected := connect_result(self.io)) is None:
+                while (got := connect_outcome(self.io))[0] is None:
                     if time.monotonic() >= started + retry:
                         break  # unanswered: give up this attempt (RFC 4271 ConnectRetryTimer)
                     yield False
+                connected, err = got
+                report_connect(key, *outcome(connected, err, None))
                 if connected:
                     STATE.connecting.pop(key, None)
                     self.success()
@@ -441,6 +506,8 @@ def _establish(self):  # type: ignore[no-untyped-def]
                         self.local = self.io.getsockname()[0]
                     yield True
                     return
+            if issue is not None:
+                report_connect(key, *outcome(False, 0, issue))
             if self.io is not None:
                 try:
                     self.io.close()

@@ -61,3 +61,73 @@ def test_installs_into_this_exabgp() -> None:
             "assert Reactor._wait_for_io is r._wait_for_io and Outgoing.establish is r._establish; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_connect_outcome_tells_refused_from_unanswered_on_loopback() -> None:
+    """A reset (nothing listens) is `refused`; an attempt nobody answers stays in progress until connectRetry
+    ends it (`timeout`); a listener is `ok`. Loopback only."""
+    import errno
+    import socket
+    import time
+
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()  # nothing listens there now
+    s = socket.socket()
+    s.setblocking(False)
+    assert s.connect_ex(("127.0.0.1", port)) in (errno.EINPROGRESS, errno.ECONNREFUSED)
+    deadline = time.monotonic() + 5
+    while (got := r.connect_outcome(s))[0] is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    s.close()
+    assert got == (False, errno.ECONNREFUSED) and r.outcome(*got, None) == ("refused", "Connection refused")
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1)
+    c = socket.socket()
+    c.setblocking(False)
+    c.connect_ex(ls.getsockname())
+    deadline = time.monotonic() + 5
+    while (got := r.connect_outcome(c))[0] is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    c.close()
+    ls.close()
+    assert got[0] is True and r.outcome(*got, None) == ("ok", "")
+    assert r.outcome(None, 0, None) == ("timeout", "")  # connectRetry passed with no answer
+    assert r.outcome(False, 0, OSError("Network is unreachable")) == ("error", "Network is unreachable")
+
+
+class _Proc:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write(self, process: str, line: str, neighbor: object) -> None:
+        self.lines.append(line)
+
+
+def test_a_connect_outcome_is_reported_once_per_change_to_the_api_processes() -> None:
+    from bgp.messages import ConnectMsg, parse_line
+
+    class Addr:
+        def top(self) -> str:
+            return "10.0.1.3"
+
+    class Nb(dict):
+        api = {"neighbor-changes": ["relay"]}
+
+    peer = type("Peer", (), {})()
+    peer.neighbor = Nb({"peer-address": Addr()})
+    reactor = type("Reactor", (), {})()
+    reactor.processes, reactor._peers = _Proc(), {"x": peer}
+    old = r.STATE.reactor, dict(r.STATE.reported)
+    r.STATE.reactor, r.STATE.reported = reactor, {}
+    try:
+        for _ in range(3):
+            r.report_connect("10.0.1.3", "timeout", "")
+        r.report_connect("10.0.1.3", "ok", "")
+        r.report_connect("10.0.1.9", "refused", "")  # not a neighbor of this ExaBGP: nothing
+    finally:
+        r.STATE.reactor, r.STATE.reported = old[0], old[1]
+    msgs = [parse_line(x) for x in reactor.processes.lines]
+    assert msgs == [ConnectMsg(IPv4Address("10.0.1.3"), "timeout", ""), ConnectMsg(IPv4Address("10.0.1.3"), "ok", "")]

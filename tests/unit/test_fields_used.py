@@ -27,16 +27,10 @@ PACKAGES = ("fabric", "bgp", "ipip", "loadbalancer", "cni")
 
 # Fields no code reads yet, each with the reason it may stay accepted for now.
 ALLOWED_UNUSED: dict[str, str] = {
-    # Route reflection is being implemented on its own branch (`perf`); the cluster ID is what a node
-    # acting as a route reflector will put in CLUSTER_LIST. Until it lands, the field is accepted and
-    # has no effect: remove this entry when route reflection lands (the test then proves it is read).
-    "NodeSettings.route_reflector_cluster_id": "route reflection (perf) not on main yet",
-    "Peer.route_reflector_client": "route reflection (perf) not on main yet: carried into Neighbor, unused",
-    # timers.keepalive / timers.connectRetry (and BGPConfiguration keepaliveTime) are implemented by the
-    # `perf` branch (ExaBGP through our launcher applies both per neighbor); only validated on main until
-    # it lands. Remove these entries then.
-    "Timers.keepalive": "implemented on the perf branch (launcher), not on main yet",
-    "Timers.connect_retry": "implemented on the perf branch (launcher), not on main yet",
+    # Route reflection is being implemented on the `perf` branch: its BGP side (bgp.reflect) is on main
+    # and reads the cluster ID; which external peers are clients is carried into Neighbor and not read
+    # yet. Remove this entry when it is (the test then proves it is read).
+    "Peer.route_reflector_client": "route reflection (perf) in progress: carried into Neighbor, not read yet",
     # IPPool natOutgoing is applied by the `cni` branch's podnat stage (table ip bgp-fabric-pods); until
     # it lands on main the field is accepted and not applied. Remove this entry then.
     "Pool.nat_outgoing": "applied by the cni branch's podnat stage, not on main yet",

@@ -326,3 +326,72 @@ def test_grafana_dashboard_uses_only_exported_metrics() -> None:
     # the dashboard covers every family (a new metric gets a panel)
     assert set(CATALOG) - used == set(), set(CATALOG) - used
     assert {p["id"] for p in dash["panels"]} == set(range(1, len(dash["panels"]) + 1))
+
+
+def test_the_session_tracker_keeps_the_last_failed_attempt_and_the_open_asn() -> None:
+    from bgp.messages import ConnectMsg, OpenMsg, StateMsg
+    from bgp.sessions import SessionTracker
+
+    t = SessionTracker()
+    t.set_neighbors({A("10.0.1.3"): "bird"}, 0.0)
+    t.feed(ConnectMsg(A("10.0.1.3"), "timeout", ""), 1.0)
+    assert t.status()["bird"]["connect_error"] == ["timeout", ""]
+    t.feed(StateMsg(A("10.0.1.3"), None, "connected", ""), 2.0)  # TCP is up: the attempt problem is gone
+    assert t.status()["bird"]["connect_error"] is None
+    t.feed(OpenMsg(A("10.0.1.3"), None, 9, "10.0.1.3", 65001), 2.1)
+    t.feed(StateMsg(A("10.0.1.3"), None, "down", "notification sent (2,2)"), 2.2)
+    s = t.status()["bird"]
+    assert s["open_asn"] == 65001 and s["last_error"] == "notification sent (2,2)"
+    c = down_cause(s["last_error"], open_asn=s["open_asn"], expected_asn=65099)
+    assert c is not None and c.code == "asn-mismatch" and "AS 65001, configured AS 65099" in c.text
+
+
+def test_a_password_from_a_secret_reaches_no_log_status_metrics_or_explain(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Kubernetes source: a BGPPeer's password read from a Secret, and the config file's own peer
+    password; neither appears in a log line (even one that tries), status.json, /metrics or explain."""
+    from fabric import cli
+    from tests.fakeapi import FakeApiServer
+    from tests.fakeapi.__main__ import KUBECONFIG
+
+    secret_pw = "From-A-Secret-9z"
+    with FakeApiServer() as api:
+        (tmp_path / "kubeconfig").write_text(KUBECONFIG.format(url=api.url))
+        api.apply("Node", {"metadata": {"name": "a1"}, "spec": {"podCIDRs": ["10.244.1.0/24"]},
+                           "status": {"addresses": [{"type": "InternalIP", "address": "10.0.1.11"}]}})
+        api.apply("BGPPeer", {"metadata": {"name": "rr"}, "spec": {
+            "peerIP": "10.0.1.2", "asNumber": 65001,
+            "password": {"secretKeyRef": {"name": "rr-pw", "key": "password"}}}})
+        api.secrets[("bgp-fabric", "rr-pw")] = {"data": {"password": __import__("base64").b64encode(
+            secret_pw.encode()).decode()}}
+        monkeypatch.setenv("NODE_NAME", "a1")
+        monkeypatch.setenv("POD_NAMESPACE", "bgp-fabric")
+        port = free_port()
+        h = Harness(tmp_path, peers=[TOR], health={"listen": f"127.0.0.1:{port}", "stageTimeout": 5},
+                    source={"kind": "kubernetes", "kubeconfig": str(tmp_path / "kubeconfig")})
+        buf = io.StringIO()
+        handler = logs.setup("debug", "json", stream=buf)
+        out: dict[str, Any] = {}
+
+        async def body(agent: Agent) -> None:
+            await until("the Secret's peer", lambda: any(n.name == "rr" and n.md5_password == secret_pw
+                                                         for n in agent.neighbors), timeout=10)
+            logging.getLogger("fabric.test").error("oops %s / %s", secret_pw, PASSWORD)  # a careless line
+            out["metrics"] = (await http_get(port, "/metrics"))[2]
+            out["status"] = json.dumps(agent.snapshot(), default=str)
+            agent._write_status()
+
+        try:
+            run_agent(h.agent(), body)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{buf.getvalue()[-6000:]}") from None
+        finally:
+            logging.getLogger().removeHandler(handler)
+        assert cli.main(["explain", "-c", str(tmp_path / "agent.yaml"), "default/none"]) == 1
+    text = buf.getvalue()
+    assert "oops *** / ***" in text
+    everything = {"log": text, "metrics": out["metrics"], "status": out["status"],
+                  "status.json": (tmp_path / "run" / "status.json").read_text()}
+    for where, t in everything.items():
+        assert secret_pw not in t and PASSWORD not in t, where
+    assert '"rr"' in out["status"]
