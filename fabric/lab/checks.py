@@ -10,6 +10,8 @@
       - {node: node-a1, prefix: 10.244.3.0/24, via: 10.0.2.11, kind: ipip}
     commands:
       - {node: tor, run: "vtysh -c 'show bgp summary'", expect: Established}
+    metrics:
+      - {node: node-a1, metric: bgp_fabric_routes_programmed, labels: {kind: ipip}, value: 2}
     faults:
       - {kill: {node: node-b1}, probe: {from: pod-a1, to: 10.244.3.10, rate: 50}, maxLoss: 0}
 
@@ -179,6 +181,30 @@ class Command(_Model):
         return f"command {self.node}: {self.run}"
 
 
+class Metric(_Model):
+    """A value of an agent node's /metrics (its health listener), read in the node's namespace and parsed
+    with Prometheus' text parser: the sum of the samples named `metric` whose labels include `labels`
+    must equal `value` (or be at least `min`). Retried until `timeout`."""
+
+    node: str = Field(min_length=1)
+    metric: str = Field(pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+    labels: dict[str, str] = Field(default_factory=dict)
+    value: float | None = None
+    min: float | None = None
+    timeout: Seconds = 20.0
+
+    @model_validator(mode="after")
+    def _one(self) -> "Metric":
+        if (self.value is None) == (self.min is None):
+            raise ValueError("needs exactly one of value, min")
+        return self
+
+    def label(self) -> str:
+        sel = ",".join(f"{k}={v}" for k, v in sorted(self.labels.items()))
+        want = f"== {self.value:g}" if self.value is not None else f">= {self.min:g}"
+        return f"metric {self.node}: {self.metric}" + (f"{{{sel}}}" if sel else "") + f" {want}"
+
+
 class Probe(_Model):
     """Pings from a node at `rate` per second during a fault: loss, longest outage, when traffic is back."""
 
@@ -259,6 +285,7 @@ class Checks(_Model):
     http: list[Http] = Field(default_factory=list)
     routes: list[Route] = Field(default_factory=list)
     commands: list[Command] = Field(default_factory=list)
+    metrics: list[Metric] = Field(default_factory=list)
     faults: list[Fault] = Field(default_factory=list)
 
 
@@ -296,10 +323,12 @@ def parse(data: Any, topology: Topology, source: str = "checks") -> Checks:
             for j, e in enumerate(getattr(c, "expect", None) or []):
                 if e not in (serve or []):
                     problems.append(f"{kind}[{i}].expect[{j}]: {e!r} is not one of serve")
-    for kind, items in (("routes", checks.routes), ("commands", checks.commands)):
+    for kind, items in (("routes", checks.routes), ("commands", checks.commands), ("metrics", checks.metrics)):
         for i, c in enumerate(items):
             if c.node not in names:
                 problems.append(f"{kind}[{i}].node: node {c.node!r} is not defined in the topology")
+            elif kind == "metrics" and role_of(topology.node(c.node)) is not Role.AGENT:  # type: ignore[arg-type]
+                problems.append(f"metrics[{i}].node: {c.node} is not a bgp-fabric node (no /metrics)")
     for i, f in enumerate(checks.faults):
         action = "kill" if f.kill else "restart" if f.restart else "link"
         if f.node not in names:

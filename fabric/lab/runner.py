@@ -31,7 +31,7 @@ from fabric.lab import kernel as labkernel
 from fabric.lab import agent, clab, faults, frr, netns, picture, relay
 from fabric.lab import checks as checks_mod
 from fabric.lab import routes as lab_routes
-from fabric.lab.checks import Command, Http, Checks, Ping, Tcp
+from fabric.lab.checks import Command, Http, Checks, Metric, Ping, Tcp
 from fabric.lab.kinds import LabPlan, NodePlan, Role, plan
 from fabric.lab.procs import Processes
 from fabric.lab.report import CheckResult, render, verdict
@@ -447,6 +447,8 @@ class Lab:
             self.results.append(self._retry(r.label(), lambda r=r: route_attempt(r), r.timeout, converged, deadline))
         for c in self.checks.commands:
             self.results.append(self._retry(c.label(), lambda c=c: self._command(c), c.timeout, converged, deadline))
+        for m in self.checks.metrics:
+            self.results.append(self._retry(m.label(), lambda m=m: self._metric(m), m.timeout, converged, deadline))
 
     def run_faults(self, converged: bool) -> None:
         for f in self.checks.faults:
@@ -480,6 +482,41 @@ class Lab:
         if missing:
             return False, f"no match for {missing[0]!r}: {last[:120]}"
         return True, f"exit {r.returncode}" + (f", matched {len(c.expect)} pattern(s)" if c.expect else "")
+
+    def _metric(self, m: Metric) -> tuple[bool, str]:
+        """Scrape the node agent's /metrics in its namespace; parse it here with Prometheus' parser."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from fabric import config as cfgmod
+
+        n = self.plan.by_name(m.node)
+        assert n.agent is not None
+        try:
+            listen = cfgmod.load(n.agent.config).health.listen
+        except cfgmod.ConfigError as e:
+            return False, f"its config: {e.problems[0]}"
+        if not listen:
+            return False, "health.listen is off in its config: no /metrics"
+        host, _, port = listen.rpartition(":")
+        url = f"http://{'127.0.0.1' if host in ('', '0.0.0.0') else host}:{port}/metrics"
+        code = f"import sys, urllib.request; sys.stdout.write(urllib.request.urlopen({url!r}, timeout=5).read().decode())"
+        try:
+            r = subprocess.run(netns.exec_cmd(n.netns, [sys.executable, "-c", code]), capture_output=True, text=True,
+                               timeout=COMMAND_TIMEOUT, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return False, f"{url}: no answer within {COMMAND_TIMEOUT:.0f}s"
+        if r.returncode != 0:
+            return False, f"{url}: " + (r.stderr.strip().splitlines() or ["failed"])[-1][:120]
+        total, found = 0.0, 0
+        for fam in text_string_to_metric_families(r.stdout):
+            for smp in fam.samples:
+                if smp.name == m.metric and all(smp.labels.get(k) == v for k, v in m.labels.items()):
+                    total += smp.value
+                    found += 1
+        if not found:
+            return False, f"no sample of {m.metric} with those labels"
+        ok = total == m.value if m.value is not None else total >= (m.min or 0.0)
+        return ok, f"{total:g} ({found} sample{'s' if found != 1 else ''})"
 
     def _serve_http(self, node: str, port: int) -> None:
         code = ("import http.server\n"

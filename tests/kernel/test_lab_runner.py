@@ -71,6 +71,11 @@ def test_default_lab_passes_twice_in_a_row_and_leaves_nothing(tmp_path: Path) ->
             assert "ping pod-b1 -> 10.244.1.10" in text
             assert re.search(r"route node-a1: 10\.244\.3\.0/24 via 10\.0\.2\.11 kind ipip +pass .*\(ipip, proto 80\)",
                              text), text
+            # node-a1's /metrics, scraped and parsed during the lab, against the lab's sessions, routes, services
+            for m in (r"bgp_fabric_bgp_peer_up == 4", r"bgp_fabric_routes_programmed\{kind=ipip\} == 2",
+                      r"bgp_fabric_routes_programmed\{kind=direct\} == 2", r"bgp_fabric_ipvs_services == 3",
+                      r"bgp_fabric_ipvs_destinations == 4"):
+                assert re.search(rf"metric node-a1: {m} +pass", text), (m, text)
             # three faults, each with its probe's loss and the time to converge
             rows = [ln for ln in text.split("faults (")[1].splitlines() if ln.strip().endswith(("pass", "FAIL"))]
             assert len(rows) == 3 and all(ln.endswith("pass") for ln in rows), text

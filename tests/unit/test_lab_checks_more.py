@@ -180,3 +180,16 @@ def test_report_has_a_faults_table_and_the_picture(two_racks: clab.Topology) -> 
     assert any("restart tor (1s down)" in ln and "50/80" in ln and "2450 ms" in ln and ln.endswith("FAIL")
                for ln in lines), text
     assert "picture: /tmp/p.svg" in text
+
+
+def test_metric_checks_are_validated(two_racks: clab.Topology) -> None:
+    m = parse(two_racks, {"metrics": [{"node": "node-a1", "metric": "bgp_fabric_bgp_peer_up",
+                                       "labels": {"peer": "tor"}, "value": 1}]}).metrics[0]
+    assert m.label() == "metric node-a1: bgp_fabric_bgp_peer_up{peer=tor} == 1"
+    assert problems(two_racks, {"metrics": [{"node": "tor", "metric": "x", "min": 1}]}) == [
+        "metrics[0].node: tor is not a bgp-fabric node (no /metrics)"]
+    assert any("exactly one of value, min" in p
+               for p in problems(two_racks, {"metrics": [{"node": "node-a1", "metric": "x"}]}))
+    assert any("metric" in p for p in problems(two_racks, {"metrics": [{"node": "node-a1", "metric": "a b",
+                                                                        "value": 1}]}))
+    assert len(parse(two_racks, None).metrics) == 0
