@@ -3,8 +3,11 @@
 
 Mesh peers (other nodes) may only give us pod routes: prefixes inside an enabled pool, never one of
 our own pod CIDRs, never a prefix that covers a node address (that would hijack the underlay), never
-a default route. External peers go through the same node checks — no default route, nothing inside
-the node's own subnet, nothing covering a node address — unless the peer opts in
+a default route. External peers: never a prefix this node announces itself (inside its own announced
+ranges: the route came back, and the node serves those addresses itself), never a route whose AS_PATH
+holds our own ASN (RFC 4271 9.1.2 loop detection, as every router does; `allow_own_asn` N accepts up to
+N occurrences, FRR's `allowas-in N`), then the same node checks as mesh routes — no default route,
+nothing inside the node's own subnet, nothing covering a node address — unless the peer opts in
 (`allow_default` / `allow_node_networks`), then their `PrefixFilter` (allow/deny/maxLength) and
 `maxPrefixes`.
 
@@ -18,9 +21,12 @@ the same updates accepts the same set.
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Iterable, Protocol
+
+from bgp.attributes import PathAttributes
 
 
 class Pool(Protocol):
@@ -58,7 +64,7 @@ class Reason(str):
 # Every code a rejection can carry (bounded: they label metrics).
 REASON_CODES = ("default-route", "covers-node-address", "own-pod-cidr", "outside-pools", "node-subnet",
                 "filter-denied", "filter-not-allowed", "filter-max-length", "max-prefixes", "pod-cidr-from-ebgp",
-                "next-hop-unusable")
+                "next-hop-unusable", "own-prefix", "as-path-loop")
 
 
 def code_of(reason: str) -> str:
@@ -85,6 +91,17 @@ def _covered(sorted_ints: list[int], prefix: IPv4Network) -> IPv4Address | None:
     hi = lo | (0xFFFFFFFF >> prefix.prefixlen)
     i = bisect_left(sorted_ints, lo)
     return IPv4Address(sorted_ints[i]) if i < len(sorted_ints) and sorted_ints[i] <= hi else None
+
+
+def own_asn_count(attrs: PathAttributes | None, asn: int) -> int:
+    """How many times `asn` is in a route's AS_PATH (AS_SET members count too)."""
+    if attrs is None:
+        return 0
+    return sum(1 if x == asn else 0 if isinstance(x, int) else x.count(asn) for x in attrs.as_path)
+
+
+def _path_text(attrs: PathAttributes) -> str:
+    return " ".join(str(x) if isinstance(x, int) else "{" + ",".join(map(str, x)) + "}" for x in attrs.as_path)
 
 
 def filter_verdict(f: PrefixFilter | None, prefix: IPv4Network) -> str | None:
@@ -147,12 +164,25 @@ class ExternalImportPolicy:
     node_networks: tuple[IPv4Network, ...] = ()  # this node's own subnet(s)
     allow_default: bool = False
     allow_node_networks: bool = False
+    own_asn: int | None = None  # ours: a route with it in its AS_PATH came back (a loop)
+    allow_own_asn: int = 0  # ... unless it is there at most this many times (FRR's allowas-in)
+    own_prefixes: tuple[IPv4Network, ...] = ()  # what this node announces itself: never taken back
     _node_ints: list[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_node_ints", sorted({int(a) for a in self.node_addresses}))
 
-    def check(self, prefix: IPv4Network) -> str | None:
+    def check(self, prefix: IPv4Network, attrs: PathAttributes | None = None) -> str | None:
+        """None when accepted, else why not. `attrs`: the route's path attributes (its AS_PATH)."""
+        for own in self.own_prefixes:
+            if prefix.subnet_of(own):
+                return Reason("own-prefix", f"inside {own}, which this node announces itself (never taken back)")
+        if self.own_asn is not None and attrs is not None:
+            n = own_asn_count(attrs, self.own_asn)
+            if n > self.allow_own_asn:
+                more = f" {n} times" if n > 1 else ""
+                return Reason("as-path-loop", f"AS_PATH {_path_text(attrs)} holds our AS {self.own_asn}{more}: a loop "
+                                              f"(RFC 4271 9.1.2; set import.allowOwnAsn to accept)")
         if prefix.prefixlen == 0 and not self.allow_default:
             return Reason("default-route", "default route (the node's own default route comes first; set "
                                            "import.allowDefaultRoute to install it behind the node's own)")
@@ -167,15 +197,17 @@ class ExternalImportPolicy:
                                                      "to accept it)")
         return filter_verdict(self.prefix_filter, prefix)
 
-    def filter(self, prefixes: Iterable[IPv4Network], held: Iterable[IPv4Network] = ()
+    def filter(self, prefixes: Iterable[IPv4Network], held: Iterable[IPv4Network] = (),
+               attrs: Mapping[IPv4Network, PathAttributes | None] | None = None
                ) -> tuple[list[IPv4Network], list[Rejection]]:
-        """`held`: prefixes already accepted from this peer (they count against maxPrefixes)."""
+        """`held`: prefixes already accepted from this peer (they count against maxPrefixes); `attrs`:
+        each prefix's path attributes as learned (absent: none known)."""
         held_set = set(held)
         count = len(held_set)
         accepted: list[IPv4Network] = []
         rejected: list[Rejection] = []
         for p in _sorted(prefixes):
-            why = self.check(p)
+            why = self.check(p, attrs.get(p) if attrs else None)
             if why is None and p not in held_set and self.max_prefixes is not None and count >= self.max_prefixes:
                 why = Reason("max-prefixes", f"max-prefixes {self.max_prefixes} exceeded")
             if why is None:

@@ -13,6 +13,7 @@ The agent arms one timer at `next_deadline()` and calls `expire(now)` when it fi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
@@ -148,6 +149,18 @@ class Rib:
             if r is not None and p.address is not None:
                 out.append(Path(name, p.address, p.router_id, r.next_hop, r.attrs))
         return out
+
+    def attrs(self, peer: str, prefixes: Iterable[IPv4Network]) -> dict[IPv4Network, PathAttributes | None]:
+        """The path attributes `peer` sent with each of `prefixes` it holds (AS_PATH loop detection)."""
+        p = self._peers.get(peer)
+        if p is None:
+            return {}
+        return {prefix: r.attrs for prefix in prefixes if (r := p.routes.get(prefix)) is not None}
+
+    def as_paths(self) -> dict[tuple[str, IPv4Network], tuple]:
+        """(peer, prefix) -> AS_PATH, for the routes that have a non-empty one (status, `fabric plan`)."""
+        return {(name, prefix): r.attrs.as_path for name, p in self._peers.items() for prefix, r in p.routes.items()
+                if r.attrs is not None and r.attrs.as_path}
 
     def peer_routes(self, peer: str) -> dict[IPv4Network, IPv4Address]:
         p = self._peers.get(peer)

@@ -464,7 +464,7 @@ class Agent:
                         if self.speaker is not None else None),
             "routes": {str(d): {"kind": r.kind, "nexthops": [[str(h.gateway), h.device, h.onlink] for h in r.nexthops],
                                 "mtu": r.mtu, "metric": r.metric, "why": r.why} for d, r in routes.items()},
-            "learned": {str(p): sorted([peer, str(nh)] for peer, nh in s) for p, s in self.rib.routes().items()},
+            "learned": _learned(self.rib),
             "adoptedHold": lc.holding,
             "source": self.source.state() if self.source is not None and hasattr(self.source, "state") else None,
             "services": stages.get("services"),
@@ -497,6 +497,20 @@ class Agent:
             if self._stall_handle is not None:
                 self._stall_handle.cancel()
             self._stall_handle = self._loop.call_later(min(due) - now + 0.05, self._schedule_status) if due else None
+
+
+def _learned(rib: SharedRib) -> dict[str, list[list[Any]]]:
+    """prefix -> [[peer, next hop], ...]; a route with an AS_PATH gets it as a third item (a list; an
+    AS_SET as a list inside it), so `fabric plan` judges AS_PATH loops as the agent does."""
+    paths = rib.as_paths()
+    out = {}
+    for p, holders in rib.routes().items():
+        rows = []
+        for peer, nh in sorted(holders):
+            path = paths.get((peer, p))
+            rows.append([peer, str(nh)] + ([[list(x) if isinstance(x, tuple) else x for x in path]] if path else []))
+        out[str(p)] = rows
+    return out
 
 
 class _ThreadSourceAdapter:

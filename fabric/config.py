@@ -148,10 +148,14 @@ class ImportFilter(PrefixFilter):
     """A peer's import filter. Whatever allow says, a default route and prefixes inside the node's own
     subnet or covering a node address are refused unless opted in here (they would take over the
     node's own routing); an opted-in route is installed at dataplane.externalRouteMetric, so the node's
-    own default / connected routes still win."""
+    own default / connected routes still win. A route whose AS_PATH holds our ASN is a loop and refused
+    (RFC 4271 9.1.2) unless it is there at most `allowOwnAsn` times (FRR's allowas-in: e.g. another
+    cluster or site in the same private ASN behind this peer). Prefixes inside what this node announces
+    itself are refused always."""
 
     allow_default_route: bool = False
     allow_node_networks: bool = False
+    allow_own_asn: int = Field(default=0, ge=0, le=10)
 
 
 NextHopPolicy = Literal["connected", "peer", "any"]

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import ipaddress
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
+from bgp.attributes import PathAttributes
 from bgp.policy import ExternalImportPolicy, MeshImportPolicy, Reason, Rejection, RejectionLog
 from fabric.config import AgentConfig
 from fabric.inputs import NodeInfo
 
 Learned = dict[ipaddress.IPv4Network, set[tuple[str, ipaddress.IPv4Address]]]
+# (peer, prefixes) -> each prefix's path attributes as learned from that peer (bgp.rib.Rib.attrs)
+AttrsOf = Callable[[str, Iterable[ipaddress.IPv4Network]], Mapping[ipaddress.IPv4Network, PathAttributes | None]]
 EBGP_POD_CIDR = Reason("pod-cidr-from-ebgp", "pod CIDR from an eBGP peer (our own routes coming back; pod routes "
                                              "come from the cluster)")
 
@@ -47,15 +50,21 @@ class ImportFilter:
                kinds: Mapping[str, str], nodes: Mapping[str, NodeInfo],
                own_pod_cidrs: Iterable[ipaddress.IPv4Network],
                ibgp: Iterable[str] = (), only: set[ipaddress.IPv4Network] | None = None,
-               node_networks: Iterable[ipaddress.IPv4Network] = ()) -> tuple[Learned, list[Fresh]]:
+               node_networks: Iterable[ipaddress.IPv4Network] = (), attrs: AttrsOf | None = None
+               ) -> tuple[Learned, list[Fresh]]:
         """Accepted routes, and the rejections not logged before ("peer P: prefix: reason").
         `kinds`: neighbor name -> "mesh" | "external"; `ibgp`: external neighbors in our own ASN;
-        `node_networks`: this node's own subnet(s), refused from external peers that did not opt in.
+        `node_networks`: this node's own subnet(s), refused from external peers that did not opt in;
+        `attrs`: the learned routes' path attributes (AS_PATH loop detection for external peers).
         `only`: `routes` holds just these prefixes (a per-change update): the active rejections of
         other prefixes are kept. Not for peers with maxPrefixes (that needs the peer's whole set)."""
         node_addrs = tuple(sorted({n.address for n in nodes.values()} | {self.cfg.node.address.ip}))
         mesh = MeshImportPolicy(tuple(self.cfg.pools), tuple(own_pod_cidrs), node_addrs)
         nets = tuple(node_networks)
+        own_asn = self.cfg.node.asn or self.cfg.cluster.asn
+        adv = self.cfg.advertise
+        own = tuple(own_pod_cidrs) + tuple(adv.service_cluster_ips) + tuple(adv.service_external_ips) \
+            + tuple(adv.service_load_balancer_ips)
         peers_cfg = {p.name: p for p in self.cfg.peers}
         by_peer: dict[str, dict[ipaddress.IPv4Network, ipaddress.IPv4Address]] = defaultdict(dict)
         for prefix, holders in routes.items():
@@ -83,8 +92,10 @@ class ImportFilter:
                 imp = pc.import_filter if pc else None
                 policy = ExternalImportPolicy(imp, pc.max_prefixes if pc else None, node_addrs, nets,
                                               allow_default=bool(imp and imp.allow_default_route),
-                                              allow_node_networks=bool(imp and imp.allow_node_networks))
-                acc2, rej2 = policy.filter(other)
+                                              allow_node_networks=bool(imp and imp.allow_node_networks),
+                                              own_asn=own_asn, allow_own_asn=imp.allow_own_asn if imp else 0,
+                                              own_prefixes=own)
+                acc2, rej2 = policy.filter(other, attrs=attrs(peer, other) if attrs is not None and other else None)
                 accepted, rejected = accepted + acc2, rejected + rej2
             for p in accepted:
                 out[p].add((peer, prefixes[p]))

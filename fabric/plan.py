@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bgp.attributes import PathAttributes
 from bgp.events import RoutesAnnounced
 from fabric import lastgood, rejections as rej, status as status_mod
 from fabric.bgp_desired import desired_announcements, desired_neighbors, local_pod_cidrs
@@ -38,9 +39,14 @@ def _learned_from_status(run_dir: Path) -> tuple[dict, str]:
         s = status_mod.read(run_dir)
     except (OSError, ValueError):
         return {}, f"no running agent status in {run_dir}: learned BGP routes unknown (planning with none)"
-    learned = {ipaddress.IPv4Network(p): {(peer, ipaddress.IPv4Address(nh)) for peer, nh in holders}
-               for p, holders in s.get("learned", {}).items()}
-    return learned, f"learned routes from the running agent's status ({len(learned)} prefixes)"
+    learned: dict = {}
+    for p, holders in s.get("learned", {}).items():
+        for h in holders:
+            peer, nh = h[0], ipaddress.IPv4Address(h[1])
+            path = tuple(tuple(x) if isinstance(x, list) else int(x) for x in h[2]) if len(h) > 2 else ()
+            learned.setdefault(ipaddress.IPv4Network(p), {})[(peer, nh)] = PathAttributes(as_path=path)
+    n = len(learned)
+    return learned, f"learned routes from the running agent's status ({n} prefixes)"
 
 
 def _load_source(cfg: AgentConfig, base: Path, store: Store) -> tuple[list[str], Any]:
@@ -100,8 +106,9 @@ def compute(cfg: AgentConfig, config_path: Path) -> dict[str, Any]:
     notes.append(note)
     rib = SharedRib()
     for prefix, holders in learned_raw.items():
-        for peer, nh in holders:
-            rib.apply(RoutesAnnounced(peer, nh, (prefix,)), 0.0)
+        for (peer, nh), attrs in holders.items():
+            rib.apply(RoutesAnnounced(peer, nh, (prefix,), attrs), 0.0)
+    learned_raw = {p: set(h) for p, h in learned_raw.items()}
     nodes = store.snapshot("Node")
     neighbors, nprob = desired_neighbors(cfg, nodes)
     shim = _Shim(cfg, store, rib, neighbors)
@@ -122,7 +129,8 @@ def compute(cfg: AgentConfig, config_path: Path) -> dict[str, Any]:
     pods = local_pod_cidrs(cfg, nodes.get(cfg.node.name))
     kinds = {n.name: n.kind for n in neighbors}
     ibgp = [n.name for n in neighbors if n.kind == "external" and n.peer_as == n.local_as]
-    learned, _ = ImportFilter(cfg).filter(learned_raw, kinds, nodes, pods, ibgp, node_networks=(view.facts.network,))
+    learned, _ = ImportFilter(cfg).filter(learned_raw, kinds, nodes, pods, ibgp, node_networks=(view.facts.network,),
+                                          attrs=rib.attrs)
     assert stage.state is not None
     verdicts = rej.verdicts(stage.state.import_filter.active(), stage.state.unusable)
     return {"ops": ops, "routes": routes, "verdicts": verdicts, "foreign": dict(stage.rec.foreign),

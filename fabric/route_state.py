@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fabric.config import Pool
-from fabric.import_policy import ImportFilter
+from fabric.import_policy import AttrsOf, ImportFilter
 from fabric.inputs import NodeInfo
 from ipip.model import NodeFacts, PeerRouting, Route, desired_routes
 
@@ -50,8 +50,8 @@ class RouteState:
     tunnel_mtu: int = 0
 
     def update(self, inputs: RouteInputs, nodes: Mapping[str, NodeInfo], *, dirty: set[Prefix] | None,
-               all_routes: Callable[[], Mapping[Prefix, Holders]], holders: Callable[[Prefix], Holders]
-               ) -> tuple[set[Prefix] | None, list[Any]]:
+               all_routes: Callable[[], Mapping[Prefix, Holders]], holders: Callable[[Prefix], Holders],
+               attrs: AttrsOf | None = None) -> tuple[set[Prefix] | None, list[Any]]:
         """Bring `routes` up to date. `dirty`: prefixes BGP changed since the last update (None: unknown,
         recompute everything). Returns (the prefixes to diff — None means all — and new rejections)."""
         full = dirty is None or inputs != self.inputs or inputs.per_peer_limits
@@ -62,7 +62,7 @@ class RouteState:
                      external_metric=inputs.external_metric)
         if full:
             learned, fresh = self.import_filter.filter(all_routes(), kinds, nodes, inputs.pod_cidrs, inputs.ibgp,
-                                                       node_networks=nets)
+                                                       node_networks=nets, attrs=attrs)
             plan = desired_routes(learned=learned, **model)
             self.inputs, self.routes, self.warnings = inputs, dict(plan.routes), dict(plan.prefix_warnings)
             self.unusable = dict(plan.unusable)
@@ -73,7 +73,7 @@ class RouteState:
             return set(), []
         raw = {p: h for p in dirty if (h := holders(p))}
         learned, fresh = self.import_filter.filter(raw, kinds, nodes, inputs.pod_cidrs, inputs.ibgp, only=dirty,
-                                                   node_networks=nets)
+                                                   node_networks=nets, attrs=attrs)
         plan = desired_routes(learned=learned, **model)
         for p in dirty:
             if p in plan.routes:

@@ -7,6 +7,9 @@ from __future__ import annotations
 import threading
 from ipaddress import IPv4Address, IPv4Network
 
+from collections.abc import Iterable
+
+from bgp.attributes import PathAttributes
 from bgp.events import BgpEvent
 from bgp.rib import Rib
 
@@ -35,6 +38,14 @@ class SharedRib:
     def holders(self, prefix: IPv4Network) -> set[tuple[str, IPv4Address]]:
         with self._lock:
             return self._rib.holders(prefix)
+
+    def attrs(self, peer: str, prefixes: Iterable[IPv4Network]) -> dict[IPv4Network, PathAttributes | None]:
+        with self._lock:
+            return self._rib.attrs(peer, prefixes)
+
+    def as_paths(self) -> dict[tuple[str, IPv4Network], tuple]:
+        with self._lock:
+            return self._rib.as_paths()
 
     def counts(self) -> dict[str, dict[str, int]]:
         with self._lock:

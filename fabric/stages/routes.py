@@ -217,7 +217,7 @@ class RoutesStage(Stage):
         rib = self.agent.rib
         with self._lock:
             touched, rejections = self.state.update(inputs, nodes, dirty=None if dirty is None else set(dirty),
-                                                    all_routes=rib.routes, holders=rib.holders)
+                                                    all_routes=rib.routes, holders=rib.holders, attrs=rib.attrs)
             routes = self.state.routes
             adopted = self.adopted if p.holding else {}
             if touched is None:

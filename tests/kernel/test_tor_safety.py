@@ -8,6 +8,9 @@ refused-route acceptance), with real traffic between pods throughout:
 - next hops: one off-subnet (single-hop eBGP: unusable, never resolved through the default route), one
   third-party on the subnet (used), one the kernel refuses (the subnet's broadcast address): retried
   alone with backoff, the agent idle meanwhile, status naming the route.
+- our own routes coming back: the node's service range sent back by the ToR, and a route whose AS_PATH
+  holds our ASN (the ToR prepends it: RFC 4271 9.1.2 loop detection, which ExaBGP does not do): neither
+  is installed, both are reported with their reason.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ hostname tor
 ip prefix-list OFFNET seq 5 permit 10.0.8.0/24
 ip prefix-list THIRD seq 5 permit 10.0.6.0/24
 ip prefix-list BCAST seq 5 permit 10.0.5.0/24
+ip prefix-list LOOP seq 5 permit 10.0.4.0/24
 route-map OUT permit 10
  match ip address prefix-list OFFNET
  set ip next-hop 10.0.7.1
@@ -40,6 +44,9 @@ route-map OUT permit 20
 route-map OUT permit 30
  match ip address prefix-list BCAST
  set ip next-hop 10.0.1.255
+route-map OUT permit 35
+ match ip address prefix-list LOOP
+ set as-path prepend 64512
 route-map OUT permit 40
 router bgp 65000
  bgp router-id 10.0.1.1
@@ -55,6 +62,8 @@ router bgp 65000
   network 10.0.8.0/24
   network 10.0.6.0/24
   network 10.0.5.0/24
+  network 10.0.4.0/24
+  network 10.96.0.0/24
   neighbor 10.0.1.11 route-map OUT out
  exit-address-family
 """
@@ -64,7 +73,8 @@ def overrides(n: Node) -> dict:
     if n.name != "a1":
         return {}
     return {"peers": [{"name": "tor", "address": "10.0.1.1", "asn": 65000,
-                       "import": {"allow": ["0.0.0.0/0"], "allowDefaultRoute": True}}]}
+                       "import": {"allow": ["0.0.0.0/0"], "allowDefaultRoute": True}}],
+            "advertise": {"serviceClusterIPs": ["10.96.0.0/24"]}}
 
 
 def node_routes(lab: MeshLab, n: Node) -> set[str]:
@@ -116,6 +126,13 @@ def test_tor_cannot_take_over_the_nodes_routing_and_next_hops_are_checked() -> N
             assert "10.0.6.0/24 via 10.0.1.5 dev eth1 proto 80 metric 4096" in routes  # third party, connected
             assert "10.0.8.0/24" not in routes  # off-subnet next hop of a single-hop eBGP peer: unusable
             assert "10.0.1.0/24 via" not in routes  # the node's subnet: refused
+            # our own prefixes back: our service range, and a route with our ASN in its AS_PATH (a loop)
+            wait_for(lambda: {"10.0.4.0/24", "10.96.0.0/24"} <= set(lab.status(a1).get("learned", {})), 10,
+                     "a1 to learn 10.0.4.0/24 and 10.96.0.0/24 from the ToR")
+            learned = lab.status(a1)["learned"]
+            assert ["tor", "10.0.1.1", [65000, 64512]] in learned["10.0.4.0/24"], learned.get("10.0.4.0/24")
+            assert ["tor", "10.0.1.1", [65000]] in learned["10.96.0.0/24"], learned.get("10.96.0.0/24")
+            assert "10.0.4.0/24" not in routes and "10.96.0.0/24" not in routes, routes
             assert node_routes(lab, a1) == own, "the node's own routes changed"
             # the status file follows the stages within a second
             wait_for(lambda: "inside the node's own subnet" in "\n".join(lab.status(a1).get("warnings", [])), 10,
@@ -124,6 +141,10 @@ def test_tor_cannot_take_over_the_nodes_routing_and_next_hops_are_checked() -> N
             warnings = "\n".join(st["warnings"])
             assert "10.0.1.0/24" in warnings and "inside the node's own subnet" in warnings, warnings
             assert "10.0.8.0/24 from tor: next hop 10.0.7.1 is not on a connected network" in warnings, warnings
+            rejected = {p: (code, why) for p, code, why in st["stages"]["routes"]["rejectedAll"]["tor"]}
+            assert rejected["10.0.4.0/24"][0] == "as-path-loop", rejected
+            assert rejected["10.0.4.0/24"][1].startswith("AS_PATH 65000 64512 holds our AS 64512: a loop"), rejected
+            assert rejected["10.96.0.0/24"][0] == "own-prefix", rejected
             problems = st["stages"]["routes"]["problems"]
             assert problems[a1.pod_cidr]["conflict"] is True, problems  # the CNI's route, not replaced
             # the route the kernel refuses (gateway = the subnet's broadcast address): named, retried alone

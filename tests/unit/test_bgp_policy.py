@@ -114,3 +114,35 @@ def test_covered_matches_the_naive_loop(nodes: list[int], net: int, plen: int) -
     # the edges: a node at the network and at the broadcast address is covered
     assert _covered([int(prefix.network_address)], prefix) == prefix.network_address
     assert _covered([int(prefix.broadcast_address)], prefix) == prefix.broadcast_address
+
+
+def test_external_as_path_loop_and_own_prefixes() -> None:
+    """RFC 4271 9.1.2: a route with our own ASN in its AS_PATH came back (a loop); allowOwnAsn N takes up
+    to N occurrences (FRR's allowas-in). A prefix inside what this node announces is never taken back."""
+    from bgp.attributes import PathAttributes as P
+
+    paths = {N("10.0.4.0/24"): P(as_path=(65000, 64512)),  # our ASN once
+             N("10.0.5.0/24"): P(as_path=(65000, 64512, 64512)),  # twice
+             N("10.0.6.0/24"): P(as_path=(65000, (64999, 64512))),  # inside an AS_SET
+             N("10.0.7.0/24"): P(as_path=(65000, 65001)),  # not ours
+             N("10.96.0.0/24"): P(as_path=(65000,)),  # our service range, sent back without our ASN
+             N("10.96.100.7/32"): P(as_path=(65000,)),  # a /32 inside our LB range
+             N("10.96.0.0/16"): P(as_path=(65000,))}  # covering our range: not ours, taken
+    own = (N("10.96.0.0/24"), N("10.96.100.0/24"))
+    pol = ExternalImportPolicy(None, own_asn=64512, own_prefixes=own)
+    ok, bad = pol.filter(list(paths), attrs=paths)
+    assert ok == [N("10.0.7.0/24"), N("10.96.0.0/16")]
+    why = {r.prefix: r.reason for r in bad}
+    assert why[N("10.0.4.0/24")].startswith("AS_PATH 65000 64512 holds our AS 64512: a loop (RFC 4271 9.1.2")
+    assert "allowOwnAsn" in why[N("10.0.4.0/24")]
+    assert why[N("10.0.5.0/24")].startswith("AS_PATH 65000 64512 64512 holds our AS 64512 2 times")
+    assert why[N("10.0.6.0/24")].startswith("AS_PATH 65000 {64999,64512} holds our AS 64512")
+    assert why[N("10.96.0.0/24")] == "inside 10.96.0.0/24, which this node announces itself (never taken back)"
+    assert why[N("10.96.100.7/32")].startswith("inside 10.96.100.0/24, which this node announces itself")
+    # allowas-in 1: once is fine, twice is not; our own prefixes stay refused whatever the opt-in
+    pol1 = ExternalImportPolicy(None, own_asn=64512, allow_own_asn=1, own_prefixes=own)
+    ok, bad = pol1.filter(list(paths), attrs=paths)
+    assert ok == [N("10.0.4.0/24"), N("10.0.6.0/24"), N("10.0.7.0/24"), N("10.96.0.0/16")]
+    assert {r.prefix for r in bad} == {N("10.0.5.0/24"), N("10.96.0.0/24"), N("10.96.100.7/32")}
+    # no attributes known (a route from a test, or an unreadable attribute set): no loop can be seen
+    assert pol.filter([N("10.0.4.0/24")])[0] == [N("10.0.4.0/24")]

@@ -239,3 +239,61 @@ def test_ip_forward_is_written_only_once_the_node_address_is_there(monkeypatch) 
     stage.facts_changed()
     run(stage, 1)
     assert written == [("net.ipv4.ip_forward", "1")]
+
+
+def test_as_path_loops_and_our_own_prefixes_from_a_tor_are_not_installed() -> None:
+    """A ToR sending back our service range, a /32 inside it, and a route whose AS_PATH holds our ASN
+    (RFC 4271 9.1.2): none installed, each reported; `import.allowOwnAsn: 1` takes the looped one
+    (and only it) on a configuration change, without any BGP event."""
+    from bgp.attributes import PathAttributes
+
+    def conf(allow: int) -> Any:
+        return cfgmod.parse({"node": {"name": "a1", "address": "10.0.1.11/24", "podCIDRs": ["10.244.1.0/24"]},
+                             "pools": [{"cidr": "10.244.0.0/16"}],
+                             "peers": [{"name": "tor", "address": "10.0.1.1", "asn": 65000,
+                                        "import": {"allowOwnAsn": allow}}],
+                             "advertise": {"serviceClusterIPs": ["10.96.0.0/24"],
+                                           "serviceLoadBalancerIPs": ["10.96.100.0/24"]},
+                             "source": {"kind": "file", "path": "c.yaml"}})
+
+    k = FakeKernel()
+    stage, shim = make(k, Shim(cfg=conf(0)))
+    for prefixes, path in ((("10.0.4.0/24",), (65000, 64512)), (("10.96.0.0/24", "10.96.100.5/32"), (65000,)),
+                           (("10.0.9.0/24",), (65000,))):
+        ev = RoutesAnnounced("tor", A("10.0.1.1"), tuple(N(p) for p in prefixes), PathAttributes(as_path=path))
+        shim.rib.apply(ev, 0)
+        stage.mark_dirty(ev.prefixes)
+    res = run(stage, 0)
+    got = ours(k)
+    assert "10.0.9.0/24 m4096" in got
+    assert not any(p.startswith(("10.0.4.", "10.96.")) for p in got), got
+    rejected = {p: (code, why) for p, code, why in res.status["rejectedAll"]["tor"]}
+    assert rejected["10.0.4.0/24"][0] == "as-path-loop", rejected
+    assert rejected["10.0.4.0/24"][1].startswith("AS_PATH 65000 64512 holds our AS 64512: a loop"), rejected
+    assert rejected["10.96.0.0/24"] == ("own-prefix", "inside 10.96.0.0/24, which this node announces itself "
+                                                      "(never taken back)"), rejected
+    assert rejected["10.96.100.5/32"][1].startswith("inside 10.96.100.0/24, which this node announces"), rejected
+    assert "import from tor rejected 10.0.4.0/24: AS_PATH 65000 64512 holds our AS 64512" in \
+        "\n".join(res.status["warnings"])
+    shim.cfg = conf(1)
+    run(stage, 1)
+    got = ours(k)
+    assert "10.0.4.0/24 m4096" in got and not any(p.startswith("10.96.") for p in got), got
+
+
+def test_status_learned_carries_as_paths_for_fabric_plan(tmp_path) -> None:
+    """`fabric plan` replays the learned routes from the agent's status: with their AS_PATHs, so it judges
+    loops as the agent does (else it would plan to install a route the agent refuses)."""
+    from bgp.attributes import PathAttributes
+    from fabric import status as status_mod
+    from fabric.agent import _learned
+    from fabric.plan import _learned_from_status
+
+    rib = SharedRib()
+    rib.apply(RoutesAnnounced("tor", A("10.0.1.1"), (N("10.0.4.0/24"),),
+                              PathAttributes(as_path=(65000, (64512, 65001), 64512))), 0)
+    rib.apply(RoutesAnnounced("a2", A("10.0.1.12"), (N("10.244.2.0/24"),)), 0)
+    status_mod.write(tmp_path, {"learned": _learned(rib)})
+    learned, _ = _learned_from_status(tmp_path)
+    assert learned == {N("10.0.4.0/24"): {("tor", A("10.0.1.1")): PathAttributes(as_path=(65000, (64512, 65001), 64512))},
+                       N("10.244.2.0/24"): {("a2", A("10.0.1.12")): PathAttributes()}}
