@@ -46,15 +46,18 @@ def desired_neighbors(cfg: AgentConfig, nodes: dict[str, NodeInfo], previous: It
                       ) -> tuple[list[Neighbor], list[str]]:
     """Neighbors for this node and the problems found. Every item is judged alone: a bad node or peer
     is skipped with a reason, the rest is used. Two nodes with one address: the one already a neighbor
-    (`previous`) keeps it, else the first by name; the other is skipped."""
+    (`previous`) keeps it, else the first by name; the other is skipped. Peers with one address are
+    judged per node: only those whose nodeSelector selects this node can clash (one address for disjoint
+    node sets is a per-rack anycast ToR); of two that do, the one already a neighbor keeps it, else the
+    first in config order."""
     me_addr = cfg.node.address.ip
     local_as = cfg.node.asn or cfg.cluster.asn
     t = cfg.timers
     out: list[Neighbor] = []
     problems: list[str] = []
     mesh_addrs: set[ipaddress.IPv4Address] = set()
+    prev = set(previous)
     if cfg.cluster.mesh:
-        prev = set(previous)
         owner: dict[ipaddress.IPv4Address, str] = {}
         for name in sorted(nodes, key=lambda n: (n not in prev, n)):
             owner.setdefault(nodes[name].address, name)
@@ -76,8 +79,16 @@ def desired_neighbors(cfg: AgentConfig, nodes: dict[str, NodeInfo], previous: It
     me = nodes.get(cfg.node.name)
     labels = me.labels if me is not None else {}
     taken = {n.name for n in out}
-    for p in cfg.peers:
-        if not selects(p.node_selector, labels):
+    mine = [p for p in cfg.peers if selects(p.node_selector, labels)]
+    # Peers that share an address are fine for disjoint node sets (per-rack anycast); two selecting this
+    # node clash: the one already a neighbor keeps the address, else the first in config order.
+    peer_at: dict[ipaddress.IPv4Address, str] = {}
+    for p in sorted(mine, key=lambda p: p.name not in prev):
+        peer_at.setdefault(p.address, p.name)
+    for p in mine:
+        if peer_at[p.address] != p.name:
+            problems.append(f"peer {p.name}: {p.address} is also peer {peer_at[p.address]}'s and both select this "
+                            "node; skipped")
             continue
         if p.address in mesh_addrs:
             problems.append(f"peer {p.name}: {p.address} is a mesh node already; skipped")

@@ -297,9 +297,14 @@ class AgentConfig(Model):
         names = [p.name for p in self.peers]
         for n in {n for n in names if names.count(n) > 1}:
             problems.append(f"peers: duplicate peer name {n!r}")
-        addrs = [p.address for p in self.peers]
-        for a in {a for a in addrs if addrs.count(a) > 1}:
-            problems.append(f"peers: duplicate peer address {a}")
+        # One address may be two peers for disjoint sets of nodes (a per-rack anycast ToR address): which one a
+        # node peers with is judged per node (fabric.bgp_desired). With the same nodeSelector they clash on
+        # every node that selects either.
+        for i, a in enumerate(self.peers):
+            for b in self.peers[i + 1:]:
+                if a.address == b.address and a.node_selector == b.node_selector:
+                    problems.append(f"peers: duplicate peer address {a.address} ({a.name!r}, {b.name!r}) with the same "
+                                    "nodeSelector")
         cidrs = [p.cidr for p in self.pools]
         for i, a in enumerate(cidrs):
             for b in cidrs[i + 1:]:

@@ -348,12 +348,17 @@ class CrdConfig:
             peer = parse("BGPPeer", key, obj, lambda obj=obj, name=name: _bgp_peer(obj, name, secret))
             if peer is None:
                 continue
-            clash = next((p for p in peers if p.name == peer.name or p.address == peer.address), None)
+            # One address for peers of disjoint node sets (a per-rack anycast ToR) is fine: each node judges
+            # the peers that select it (fabric.bgp_desired). The same selector clashes on every node.
+            clash = next((p for p in peers if p.name == peer.name or
+                          (p.address == peer.address and p.node_selector == peer.node_selector)), None)
             if clash is not None:
-                what = "metadata.name" if clash.name == peer.name else "spec.peerIP"
-                problems.append(Problem("BGPPeer", name, what,
-                                        f"same {'name' if what == 'metadata.name' else 'address'} as peer "
-                                        f"{clash.name!r} ({clash.address}); not used", obj))
+                if clash.name == peer.name:
+                    what, why = "metadata.name", f"same name as peer {clash.name!r} ({clash.address})"
+                else:
+                    what, why = "spec.peerIP", (f"same address and nodeSelector as peer {clash.name!r} "
+                                                f"({clash.address})")
+                problems.append(Problem("BGPPeer", name, what, f"{why}; not used", obj))
                 continue
             peers.append(peer)
 

@@ -195,3 +195,53 @@ def test_each_node_and_peer_is_judged_alone() -> None:
     ns, problems = desired_neighbors(c, {**NODES, "bad node": NodeInfo(name="bad node", address="10.0.1.77")})
     assert "bad node" not in [n.name for n in ns] and "tor" in [n.name for n in ns]
     assert any(p.startswith("neighbor 'bad node': name") for p in problems), problems
+
+
+def test_one_peer_address_for_disjoint_node_sets_is_judged_per_node() -> None:
+    """A per-rack anycast ToR address: two peers with one peerIP selecting disjoint racks are both valid;
+    each node peers with the one that selects it. Only peers that select this node can clash."""
+    from fabric.crds import CrdConfig
+
+    def peer(name: str, rack: str | None, asn: int = 65000) -> dict:
+        spec = {"peerIP": "10.0.0.1", "asNumber": asn}
+        if rack is not None:
+            spec["nodeSelector"] = f"rack == '{rack}'"
+        return {"apiVersion": "bgp-fabric.io/v1", "kind": "BGPPeer", "metadata": {"name": name}, "spec": spec}
+
+    base = make_cfg()
+    objs = {"BGPPeer": {"tor-a": peer("tor-a", "a", 65001), "tor-b": peer("tor-b", "b", 65002)}}
+    cfg, problems = CrdConfig().effective(base, objs)
+    assert problems == [] and [p.name for p in cfg.peers] == ["tor-a", "tor-b"]
+    nodes = {**NODES, "b1": NodeInfo(name="b1", address="10.0.2.21", podCIDRs=["10.244.3.0/24"], labels={"rack": "b"})}
+    ns, problems = desired_neighbors(cfg, nodes)  # a1 is in rack a
+    assert [(n.name, str(n.peer_address), n.peer_as) for n in ns if n.kind == "external"] == [("tor-a", "10.0.0.1", 65001)]
+    assert problems == []
+    b1 = cfg.model_copy(update={"node": cfgmod.NodeSettings(name="b1", address="10.0.2.21/24",
+                                                            podCIDRs=["10.244.3.0/24"])})
+    ns, problems = desired_neighbors(b1, nodes)
+    assert [(n.name, n.peer_as) for n in ns if n.kind == "external"] == [("tor-b", 65002)] and problems == []
+    # a node that both select (labels overlap through a third peer selecting every node): one is kept,
+    # the other reported, per node; other nodes are unaffected
+    objs["BGPPeer"]["tor-all"] = peer("tor-all", None, 65003)
+    cfg, problems = CrdConfig().effective(base, objs)
+    assert problems == [] and [p.name for p in cfg.peers] == ["tor-a", "tor-all", "tor-b"]
+    ns, problems = desired_neighbors(cfg, nodes)
+    assert [n.name for n in ns if n.kind == "external"] == ["tor-a"]
+    assert problems == ["peer tor-all: 10.0.0.1 is also peer tor-a's and both select this node; skipped"]
+    ns, problems = desired_neighbors(cfg, nodes, previous=["a2", "b1", "tor-all"])  # the neighbor keeps it
+    assert [n.name for n in ns if n.kind == "external"] == ["tor-all"]
+    assert problems == ["peer tor-a: 10.0.0.1 is also peer tor-all's and both select this node; skipped"]
+    # the same selector clashes on every node that selects either: rejected up front (with an Event)
+    objs["BGPPeer"]["tor-a2"] = peer("tor-a2", "a", 65004)
+    cfg, problems = CrdConfig().effective(base, objs)
+    assert "tor-a2" not in [p.name for p in cfg.peers]
+    assert [str(p) for p in problems] == ["BGPPeer/tor-a2: spec.peerIP: same address and nodeSelector as peer "
+                                          "'tor-a' (10.0.0.1); not used"]
+    # the config file alike: disjoint selectors fine, the same one refused
+    make_cfg(peers=[{"name": "x", "address": "10.0.0.1", "asn": 65000, "nodeSelector": {"rack": "a"}},
+                    {"name": "y", "address": "10.0.0.1", "asn": 65000, "nodeSelector": {"rack": "b"}}])
+    import pytest
+    with pytest.raises(cfgmod.ConfigError, match=r"duplicate peer address 10.0.0.1 \('x', 'y'\) with the same "
+                                                 "nodeSelector"):
+        make_cfg(peers=[{"name": "x", "address": "10.0.0.1", "asn": 65000},
+                        {"name": "y", "address": "10.0.0.1", "asn": 65001}])

@@ -285,7 +285,7 @@ def test_conflicts_between_objects_reject_the_later_one() -> None:
     assert [str(p.cidr) for p in cfg.pools] == ["10.244.0.0/16", "10.250.0.0/16"]
     assert [p.name for p in cfg.peers] == ["x"]
     assert sorted(str(p) for p in problems) == [
-        "BGPPeer/y: spec.peerIP: same address as peer 'x' (10.0.1.1); not used",
+        "BGPPeer/y: spec.peerIP: same address and nodeSelector as peer 'x' (10.0.1.1); not used",
         "IPPool/b: spec.cidr: 10.244.8.0/24 overlaps pool 10.244.0.0/16; not used"]
 
 
