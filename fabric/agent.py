@@ -108,6 +108,7 @@ class Agent:
         self.metrics = AgentMetrics(self)
         self.config_stage: ConfigStage | None = None
         self.routes_stage: RoutesStage | None = None
+        self.cni_stage: Any = None  # fabric.stages.cni.CniStage when cni.enabled
         self.started = time.time()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
@@ -149,6 +150,7 @@ class Agent:
         stages = stages_mod.build(self)
         self.config_stage = next(s for s in stages if isinstance(s, ConfigStage))
         self.routes_stage = next(s for s in stages if isinstance(s, RoutesStage))
+        self.cni_stage = next((s for s in stages if s.name == "cni"), None)
         t = self.cfg.timers
         self.runner = Runner(self.store, stages, complete=self._source_complete, min_interval=t.min_sync_interval,
                              resync_interval=t.resync_interval, stage_timeout=self.cfg.health.stage_timeout,
@@ -297,6 +299,9 @@ class Agent:
             if self.runner is not None:
                 self.runner.wake("bgp", full=True)
                 self.runner.wake("routes", full=True)
+                for name in ("cni", "podnat"):  # pod MTU (pools' ipipMode), natOutgoing, service ranges
+                    if name in self.runner.states:
+                        self.runner.wake(name)
         if complete and not self.config_known:
             self.config_known = True
             if self.runner is not None:
@@ -347,6 +352,10 @@ class Agent:
         rs = self.routes_stage
         if stage is rs and rs is not None and rs.adopted is not None:
             self.lifecycle.adopt(len(rs.adopted))
+        cs = self.cni_stage
+        if stage is rs and cs is not None and rs.view is not None and rs.view.facts is not None \
+                and rs.view.facts.mtu != cs.mtu and self.runner is not None:
+            self.runner.wake("cni")  # the pod MTU follows the underlay's
         self._update_lifecycle()
         self._schedule_status()
 

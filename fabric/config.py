@@ -271,6 +271,19 @@ class NetworkPolicySettings(Model):
     enabled: bool = True
 
 
+class Cni(Model):
+    """Pod networking through the CNI plugin (docs/cni.md). Off by default: the DaemonSet's ConfigMap
+    turns it on; labs turn it on per node with their own folders."""
+
+    enabled: bool = False
+    network: str = Field(default="bgp-fabric", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")  # conflist `name`
+    conf_dir: str = "/etc/cni/net.d"  # where the runtime reads network configurations
+    conf_file: str = Field(default="10-bgp-fabric.conflist", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*\.conflist$")
+    socket: str = Field(default="/run/bgp-fabric/cni/cni.sock", max_length=107)  # the plugin's way to the agent
+    state_dir: str = "/var/lib/bgp-fabric/cni"  # IPAM: one file per pod address (on disk: survives reboots)
+    route_protocol: int = Field(default=81, ge=5, le=254)  # RTPROT mark of the pods' /32 host routes
+
+
 class Health(Model):
     listen: str | None = Field(default="0.0.0.0:9099", pattern=r"^[0-9.]*:[0-9]{1,5}$")  # /healthz, /readyz; null: off
     # /healthz fails while a stage's run has gone on longer than this (and until one of its runs succeeds)
@@ -290,10 +303,14 @@ class AgentConfig(Model):
     dataplane: Dataplane = Dataplane()
     health: Health = Health()
     network_policy: NetworkPolicySettings = NetworkPolicySettings()
+    cni: Cni = Cni()
 
     @model_validator(mode="after")
     def _consistent(self) -> "AgentConfig":
         problems: list[str] = []
+        if self.cni.route_protocol == self.dataplane.route_protocol:
+            problems.append(f"cni.routeProtocol: {self.cni.route_protocol} is dataplane.routeProtocol too; pod "
+                            "host routes need their own mark (the route reconciler owns the other)")
         names = [p.name for p in self.peers]
         for n in {n for n in names if names.count(n) > 1}:
             problems.append(f"peers: duplicate peer name {n!r}")

@@ -87,6 +87,11 @@ def render(s: dict[str, Any]) -> str:
             for key, why in sorted((st.get("failures") or {}).items()):
                 lines.append(f"  FAILED {key}: {why}")
     lines += _services(s.get("services"))
+    for p in ((s.get("stages") or {}).get("cni") or {}).get("pods", []):  # this node's pods (CNI)
+        ports = ", ".join(f"{m.get('hostIP', '*')}:{m['hostPort']}/{m['protocol']}->{m['containerPort']}"
+                          for m in p.get("hostPorts", []))
+        lines.append(f"pod {p['address']:<16} {p['hostIfname']:<16} {p.get('pod') or p['containerID'][:24]}"
+                     + (f"  hostPorts {ports}" if ports else ""))
     for w in s.get("warnings", []):
         lines.append(f"WARNING: {w}")
     for e in s.get("errors", []):

@@ -10,8 +10,10 @@ from typing import Any
 
 from fabric.stage import Stage
 from fabric.stages.bgp import BgpStage
+from fabric.stages.cni import CniStage
 from fabric.stages.config import ConfigStage
 from fabric.stages.policy import PolicyStage
+from fabric.stages.podnat import PodNatStage
 from fabric.stages.routes import RoutesStage
 from fabric.stages.services import ServicesStage
 
@@ -26,4 +28,7 @@ def build(agent: Any) -> list[Stage]:
         stages.append(ServicesStage(agent, agent.services_factory))
     if agent.policy_factory is not None:
         stages.append(PolicyStage(agent, agent.policy_factory(agent)))
+    if agent.cfg.cni.enabled:
+        stages.append(CniStage(agent))
+    stages.append(PodNatStage(agent))  # natOutgoing is a pool property: with or without the CNI part
     return stages

@@ -31,9 +31,6 @@ ALLOWED_UNUSED: dict[str, str] = {
     # and reads the cluster ID; which external peers are clients is carried into Neighbor and not read
     # yet. Remove this entry when it is (the test then proves it is read).
     "Peer.route_reflector_client": "route reflection (perf) in progress: carried into Neighbor, not read yet",
-    # IPPool natOutgoing is applied by the `cni` branch's podnat stage (table ip bgp-fabric-pods); until
-    # it lands on main the field is accepted and not applied. Remove this entry then.
-    "Pool.nat_outgoing": "applied by the cni branch's podnat stage, not on main yet",
 }
 
 
