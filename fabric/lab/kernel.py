@@ -29,6 +29,7 @@ MODULES = [
     "nf_conntrack", "nf_conntrack_netlink", "nf_tables", "nft_chain_nat", "nft_masq", "nft_nat",
     "nft_ct", "nft_fib_inet", "nft_fib_ipv4", "nft_reject_inet", "nf_nat", "tcp_diag", "inet_diag",
     "sch_netem", "xt_ipvs",
+    "overlay",  # CNI tests: /etc/cni exists only in an overlay over /etc inside a private mount namespace
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

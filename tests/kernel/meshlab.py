@@ -75,6 +75,9 @@ class MeshLab:
     namespaces: list[str] = field(default_factory=list)
     extra_procs: list[subprocess.Popen] = field(default_factory=list)
     agent_overrides: Callable[[Node], dict] | None = None  # merged over each agent's config
+    # With a CNI environment (tests/kernel/cnienv.py) pods are not wired here: the agents serve the CNI
+    # plugin and tests create pods through it. Agents then run inside that environment's mount namespace.
+    cni_env: object | None = None
 
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
@@ -98,6 +101,8 @@ class MeshLab:
                f"ip -n {n.ns} link set eth1 up; ip -n {n.ns} addr add {n.address}/24 dev eth1;"
                f"ip -n {n.ns} route add default via {gw};"
                f"ip netns exec {n.ns} sysctl -qw net.ipv4.ip_forward=1")
+            if self.cni_env is not None:
+                continue
             # Calico-style pod wiring (what the CNI plugin does)
             sh(f"ip link add eth0 netns {n.pod_ns} mtu {self.pod_mtu} type veth peer name cali{i} netns {n.ns} "
                f"mtu {self.pod_mtu};"
@@ -148,15 +153,29 @@ class MeshLab:
             "source": {"kind": "file", "path": "cluster.yaml"},
             "paths": {"runDir": f"run-{n.name}"},
         }
+        if self.cni_env is not None:
+            self.cni_env.node_conf_dir(n.ns)  # type: ignore[attr-defined]
+            doc["cni"] = {"enabled": True, "stateDir": self.cni_state_dir(n), "socket": self.cni_socket(n)}
         if self.agent_overrides is not None:
             doc.update(self.agent_overrides(n))
         self.config_path(n).write_text(yaml.safe_dump(doc))
 
+    def cni_socket(self, n: Node) -> str:
+        # Under /run: a unix socket on the lab kernel's tmpfs (the workdir may be the host's file system).
+        return f"/run/fabric-cni-{self.tag}/{n.name}.sock"
+
+    def cni_state_dir(self, n: Node) -> str:
+        # IPAM records on the lab kernel's tmpfs too: the host file system (hostfs) makes every fsync a
+        # host disk flush. They survive agent restarts, which is what the tests restart.
+        return f"/run/fabric-cni-{self.tag}/{n.name}-state"
+
     # -- agents ------------------------------------------------------------------------------
     def start_agent(self, n: Node, env: dict[str, str] | None = None) -> None:
         log = open(self.workdir / f"{n.name}.log", "ab")
-        n.proc = subprocess.Popen(["ip", "netns", "exec", n.ns, FABRIC, "agent", "-c", str(self.config_path(n))],
-                                  stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+        argv = [FABRIC, "agent", "-c", str(self.config_path(n))]
+        cmd = (self.cni_env.cmd(argv, n.ns) if self.cni_env is not None  # type: ignore[attr-defined]
+               else ["ip", "netns", "exec", n.ns, *argv])
+        n.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
                                   env=None if env is None else {**os.environ, **env})
         log.close()
 
@@ -226,7 +245,7 @@ class MeshLab:
                 except (ProcessLookupError, ValueError):
                     pass
             sh(f"ip netns del {ns}", check=False)
-        sh(f"rm -rf {self.workdir}", check=False)
+        sh(f"rm -rf {self.workdir} /run/fabric-cni-{self.tag}", check=False)
 
 
 def two_racks(kinds: dict[str, str] | None = None, **kw) -> MeshLab:
