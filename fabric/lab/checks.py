@@ -3,7 +3,7 @@
     timeout: 60                      # seconds to wait for every BGP session to be Established
     sessions: {min: 8}               # at least 8 Established sessions, counted on every speaker
     pings:
-      - {from: pod-a1, to: 10.244.3.10}
+      - {from: pod-a1, to: 10.244.3.10}     # or to: pod-b1 (a pod node: its CNI address)
     tcp:
       - {from: pod-a1, to: 10.244.3.10, port: 8080, serve: pod-b1}
     routes:
@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fabric.config import format_errors
 from fabric.lab.clab import Topology, TopologyError, read_yaml
 from fabric.lab.kinds import Role, role_of
+from fabric.lab.pods import POD_LABEL
 
 TOPOLOGY_SUFFIXES = (".clab.yml", ".clab.yaml", ".yml", ".yaml")
 
@@ -47,6 +48,18 @@ def _ip(v: Any) -> str:
         raise ValueError(f"not a valid IPv4 address ({e})") from None
 
 
+def _dest(v: Any) -> str:
+    """A destination: an IPv4 address, or the name of a pod node (its CNI address, known once the lab runs)."""
+    if not isinstance(v, str):
+        raise ValueError("must be an IPv4 address or a pod's node name")
+    try:
+        return str(ipaddress.IPv4Address(v))
+    except ValueError:
+        if v and not v[0].isdigit():
+            return v
+        raise ValueError(f"{v!r} is not a valid IPv4 address (nor a pod's node name)") from None
+
+
 Seconds = Annotated[float, Field(gt=0, le=3600)]
 
 
@@ -59,7 +72,7 @@ class Ping(_Model):
     @field_validator("to", mode="before")
     @classmethod
     def _to(cls, v: Any) -> str:
-        return _ip(v)
+        return _dest(v)
 
     def label(self) -> str:
         return f"ping {self.src} -> {self.to}" + (f" x{self.count}" if self.count > 1 else "")
@@ -75,7 +88,7 @@ class Tcp(_Model):
     @field_validator("to", mode="before")
     @classmethod
     def _to(cls, v: Any) -> str:
-        return _ip(v)
+        return _dest(v)
 
     def label(self) -> str:
         return f"tcp {self.src} -> {self.to}:{self.port}"
@@ -99,7 +112,7 @@ class Http(_Model):
     @field_validator("to", mode="before")
     @classmethod
     def _to(cls, v: Any) -> str:
-        return _ip(v)
+        return _dest(v)
 
     def label(self) -> str:
         return f"http {self.src} -> {self.to}:{self.port} x{self.requests}"
@@ -215,7 +228,7 @@ class Probe(_Model):
     @field_validator("to", mode="before")
     @classmethod
     def _to(cls, v: Any) -> str:
-        return _ip(v)
+        return _dest(v)
 
 
 class Kill(_Model):
@@ -299,6 +312,14 @@ def path_for(topology_path: Path) -> Path:
     return topology_path.with_name(f"{name}.checks.yml")
 
 
+def _is_ip(v: str) -> bool:
+    try:
+        ipaddress.IPv4Address(v)
+        return True
+    except ValueError:
+        return False
+
+
 def parse(data: Any, topology: Topology, source: str = "checks") -> Checks:
     """Validate a checks mapping; node names must exist in `topology`. Raises TopologyError."""
     if data is None:
@@ -311,8 +332,12 @@ def parse(data: Any, topology: Topology, source: str = "checks") -> Checks:
         raise TopologyError(format_errors(e), source) from None
     problems = []
     names = {n.name for n in topology.nodes}
+    pods = {n.name for n in topology.nodes if POD_LABEL in n.labels}
     for kind, items in (("pings", checks.pings), ("tcp", checks.tcp), ("http", checks.http)):
         for i, c in enumerate(items):
+            if not _is_ip(c.to) and c.to not in pods:
+                problems.append(f"{kind}[{i}].to: {c.to!r} is neither an IPv4 address nor a pod node "
+                                f"(label {POD_LABEL}) of the topology")
             if c.src not in names:
                 problems.append(f"{kind}[{i}].from: node {c.src!r} is not defined in the topology")
             serve = getattr(c, "serve", None)
@@ -342,6 +367,9 @@ def parse(data: Any, topology: Topology, source: str = "checks") -> Checks:
             if f.restart is not None and role not in (Role.AGENT, Role.FRR):
                 problems.append(f"faults[{i}].restart.node: {f.node} is a {role.value} node; restart needs a "
                                 "bgp-fabric or FRR node")
+        if not _is_ip(f.probe.to) and f.probe.to not in pods:
+            problems.append(f"faults[{i}].probe.to: {f.probe.to!r} is neither an IPv4 address nor a pod node "
+                            f"(label {POD_LABEL}) of the topology")
         if f.probe.src not in names:
             problems.append(f"faults[{i}].probe.from: node {f.probe.src!r} is not defined in the topology")
     if problems:

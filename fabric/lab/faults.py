@@ -49,7 +49,7 @@ class FaultResult:
 def run_fault(lab: "Lab", f: Fault) -> FaultResult:
     p = f.probe
     probe_label = f"{p.src} -> {p.to} @ {p.rate}/s"
-    probe = PingProbe(lab.plan.netns(p.src), p.to, p.rate)
+    probe = PingProbe(lab.plan.netns(p.src), lab.address_of(p.to), p.rate)  # a pod's name: its CNI address
     fault_at = time.time()
     try:
         if not wait_first_reply(probe, 10.0):

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from fabric.lab.clab import Node, Topology, TopologyError
+from fabric.lab.pods import POD_LABEL, conflist_path
 
 FRR_CONF = "/etc/frr/frr.conf"
 FRR_DAEMONS = "/etc/frr/daemons"
@@ -29,10 +30,13 @@ class Role(str, Enum):
     FRR = "frr"
     AGENT = "agent"
     BRIDGE = "bridge"  # kind: bridge → a namespace whose interfaces are enslaved to one Linux bridge
+    POD = "pod"  # label bgp-fabric.io/node: NODE → a pod on that agent node, networked by its CNI plugin
     HOST = "host"  # plain namespace (linux kind: alpine, busybox, netshoot, ...)
 
 
 def role_of(node: Node) -> Role:
+    if POD_LABEL in node.labels:
+        return Role.POD
     image = node.image.lower()
     if "bgp-fabric" in image:
         return Role.AGENT
@@ -55,6 +59,7 @@ class FrrSpec:
 class AgentSpec:
     config: Path
     run_dir: Path
+    conflist: Path | None = None  # where the agent writes its CNI conflist (cni.enabled)
 
     @property
     def status(self) -> Path:
@@ -68,6 +73,7 @@ class NodePlan:
     netns: str
     frr: FrrSpec | None = None
     agent: AgentSpec | None = None
+    pod_of: str | None = None  # a pod: the agent node whose CNI plugin gives it its network
 
     @property
     def name(self) -> str:
@@ -109,8 +115,20 @@ def plan(topology: Topology, run_id: str) -> LabPlan:
             nodes.append(NodePlan(node, role, ns, frr=_frr_spec(node, where, problems)))
         elif role is Role.AGENT:
             nodes.append(NodePlan(node, role, ns, agent=_agent_spec(node, where, problems)))
+        elif role is Role.POD:
+            nodes.append(NodePlan(node, role, ns, pod_of=node.labels[POD_LABEL]))
         else:
             nodes.append(NodePlan(node, role, ns))
+    by_name = {n.name: n for n in nodes}
+    for n in nodes:
+        if n.pod_of is None:
+            continue
+        host = by_name.get(n.pod_of)
+        where = f"topology.nodes.{n.name}.labels.{POD_LABEL}"
+        if host is None or host.role is not Role.AGENT:
+            problems.append(f"{where}: {n.pod_of!r} is not a bgp-fabric node of this topology")
+        elif host.agent is not None and host.agent.conflist is None:
+            problems.append(f"{where}: the agent of {n.pod_of!r} does not serve pods (set cni.enabled: true in its config)")
     run_dirs: dict[Path, str] = {}
     for n in nodes:
         if n.agent is not None:
@@ -182,7 +200,7 @@ def _agent_spec(node: Node, where: str, problems: list[str]) -> AgentSpec | None
     except (OSError, yaml.YAMLError) as e:
         problems.append(f"{where}.binds: cannot read agent config {conf}: {str(e).splitlines()[0]}")
         return None
-    return AgentSpec(config=conf, run_dir=agent_run_dir(data, conf))
+    return AgentSpec(config=conf, run_dir=agent_run_dir(data, conf), conflist=conflist_path(data, conf))
 
 
 def agent_run_dir(config_data: object, config_path: Path) -> Path:

@@ -22,8 +22,10 @@ ROLE_STYLE = {
     Role.FRR: 'shape=box style="filled" fillcolor="#fde9c8" color="#b36b00"',
     Role.BRIDGE: 'shape=box style="filled" fillcolor="#eeeeee" color="#777777" height=0.3 fontsize=10',
     Role.HOST: 'shape=ellipse style="filled" fillcolor="#ffffff" color="#777777" fontsize=10',
+    Role.POD: 'shape=ellipse style="filled" fillcolor="#f1ecf7" color="#6a4c93" fontsize=10',
 }
-ROLE_NOTE = {Role.AGENT: "bgp-fabric", Role.FRR: "FRR", Role.BRIDGE: "switch", Role.HOST: ""}
+CNI_COLOUR = "#6a4c93"
+ROLE_NOTE = {Role.AGENT: "bgp-fabric", Role.FRR: "FRR", Role.BRIDGE: "switch", Role.HOST: "", Role.POD: "pod"}
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,10 @@ def dot_source(plan: LabPlan, sessions: dict[str, list[Session]], owner: dict[st
         lines.append(f"  {_q(link.a.node)} -- {_q(link.b.node)} [color=\"#555555\" penwidth=1.2 "
                      f"taillabel={_q(link.a.interface)} headlabel={_q(link.b.interface)} labelfontsize=8 "
                      'labelfontcolor="#555555"];')
+    for n in plan.nodes:  # a pod's veth comes from its node's CNI plugin, not from a topology link
+        if n.pod_of is not None:
+            lines.append(f"  {_q(n.pod_of)} -- {_q(n.name)} [color={_q(CNI_COLOUR)} penwidth=1.2 "
+                         f'headlabel="eth0" labelfontsize=8 labelfontcolor={_q(CNI_COLOUR)}];')
     for p in pairs(plan, sessions, owner, paths):
         mesh = p.a in agents and p.b in agents
         style = "dashed" if p.path == "ipip" else "solid" if mesh else "dotted"
@@ -101,6 +107,7 @@ def _legend() -> list[str]:
     g, r, o = STATE_COLOURS["established"], STATE_COLOURS["down"], STATE_COLOURS["partial"]
     rows = [
         ("#555555", "━━━", "link (veth)"),
+        (CNI_COLOUR, "━━━", "pod veth, made by the node's CNI plugin"),
         (g, "━━━", "BGP session Established"),
         (o, "━━━", "BGP Established on one end only"),
         (r, "━━━", "BGP session not Established"),

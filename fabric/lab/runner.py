@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TextIO
 
 from fabric.lab import kernel as labkernel
-from fabric.lab import agent, clab, faults, frr, netns, picture, relay
+from fabric.lab import agent, clab, faults, frr, netns, picture, pods, relay
 from fabric.lab import checks as checks_mod
 from fabric.lab import routes as lab_routes
 from fabric.lab.checks import Command, Http, Checks, Metric, Ping, Tcp
@@ -179,6 +179,7 @@ class Lab:
         self.created_ns: list[str] = []
         self.frr_nodes: list[NodePlan] = []
         self.agent_nodes: list[tuple[NodePlan, bool]] = []  # (node, its runDir is ours to remove)
+        self.pods: dict[str, tuple[NodePlan, dict, pods.Attached]] = {}  # pod name -> (pod, conflist, ADD result)
         self.sessions: dict[str, list[Session]] = {}
         self.results: list[CheckResult] = []
         self.fault_results: list[faults.FaultResult] = []
@@ -249,6 +250,8 @@ class Lab:
         switches = frozenset(n.name for n in self.plan.nodes if "bridge" in reader.table(n.netns)[1].values())
         for n in self.plan.nodes:
             lab_ifs = {own.interface for own, _ in self.plan.topology.links_of(n.name)} | {"br0"}
+            if n.name in self.pods:
+                lab_ifs.add(pods.IFNAME)  # a pod's address is on the interface its CNI plugin made
             for dev, addr in _addresses(n.netns):
                 owner.setdefault(addr, n.name)
                 if dev in lab_ifs:
@@ -288,16 +291,13 @@ class Lab:
         for n in self.plan.nodes:
             for key, value in n.node.sysctls.items():
                 netns.sysctl(n.netns, key, value)
-            for i, cmd in enumerate(n.node.exec):
-                log = self.workdir / f"{n.name}.exec.log"
-                rc = self.procs.run(f"{n.name}/exec[{i}]", netns.exec_cmd(n.netns, ["sh", "-c", cmd]), log,
-                                    self.env_for(n), timeout=EXEC_TIMEOUT)
-                if rc != 0:
-                    tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-5:])
-                    raise BuildError(f"{n.name}: exec[{i}] {cmd!r} exited {rc}: {tail}")
+            if n.role is not Role.POD:  # a pod's commands run once it has its network
+                self.run_exec(n)
             if n.node.exec or n.node.sysctls:
-                self.say(f"{n.name}: {len(n.node.sysctls)} sysctl(s), {len(n.node.exec)} exec command(s) done")
+                self.say(f"{n.name}: {len(n.node.sysctls)} sysctl(s), {len(n.node.exec)} exec command(s)"
+                         + (" (after its CNI ADD)" if n.role is Role.POD else " done"))
         self.start_daemons()
+        self.attach_pods()
         self.start_exec_server()
 
     def start_exec_server(self) -> None:
@@ -319,6 +319,48 @@ class Lab:
             where = str(self.exec_socket)
         self.procs.start(EXEC_LABEL, cmd, self.workdir / "execd.log", dict(os.environ))
         self.say(f"exec: `fabric lab exec NODE [-- CMD]` enters a node ({where})")
+
+    def run_exec(self, n: NodePlan) -> None:
+        for i, cmd in enumerate(n.node.exec):
+            log = self.workdir / f"{n.name}.exec.log"
+            rc = self.procs.run(f"{n.name}/exec[{i}]", netns.exec_cmd(n.netns, ["sh", "-c", cmd]), log,
+                                self.env_for(n), timeout=EXEC_TIMEOUT)
+            if rc != 0:
+                tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-5:])
+                raise BuildError(f"{n.name}: exec[{i}] {cmd!r} exited {rc}: {tail}")
+
+    # -- pods: CNI ADD as the node's runtime would -----------------------------------------------
+
+    def attach_pods(self) -> None:
+        deadline = time.monotonic() + DAEMON_START_TIMEOUT
+        lab = self.plan.topology.name
+        for n in self.plan.nodes:
+            if n.pod_of is None:
+                continue
+            host = self.plan.by_name(n.pod_of)
+            assert host.agent is not None and host.agent.conflist is not None
+            try:
+                conf = pods.wait_for_conflist(host.agent.conflist, deadline, alive=lambda h=host: not self.dead_daemons(h))
+                attached = pods.add(host.netns, conf, container_id=f"{lab}-{self.plan.run_id}-{n.name}", pod_ns=n.netns,
+                                    pod=n.name, lab=lab)
+            except (pods.PodError, OSError, subprocess.TimeoutExpired) as e:
+                raise BuildError(f"{n.name} (pod on {host.name}): {e}") from None
+            self.pods[n.name] = (n, conf, attached)
+            self.say(f"{n.name}: {attached.address} from {host.name}'s CNI plugin ({attached.seconds:.2f}s)")
+            self.run_exec(n)
+
+    def detach_pods(self) -> None:
+        lab = self.plan.topology.name
+        for name, (n, conf, attached) in reversed(list(self.pods.items())):
+            assert n.pod_of is not None
+            err = pods.delete(self.plan.netns(n.pod_of), conf, attached, pod_ns=n.netns, pod=name, lab=lab)
+            if err:
+                self.say(f"{name}: CNI DEL failed: {err}")
+        self.pods.clear()
+
+    def address_of(self, to: str) -> str:
+        """A check's destination: an address as written, or a pod's CNI address by its node name."""
+        return self.pods[to][2].address if to in self.pods else to
 
     def start_daemons(self) -> None:
         started: list[tuple[NodePlan, list[str]]] = []
@@ -536,7 +578,7 @@ class Lab:
                 "seen = collections.Counter()\n"
                 f"for i in range({h.requests}):\n"
                 "    try:\n"
-                f"        with urllib.request.urlopen('http://{h.to}:{h.port}/', timeout=3) as r:\n"
+                f"        with urllib.request.urlopen('http://{self.address_of(h.to)}:{h.port}/', timeout=3) as r:\n"
                 "            seen[r.read().decode().strip()] += 1\n"
                 "    except OSError as e:\n"
                 "        seen['error: ' + str(e)[:60]] += 1\n"
@@ -568,7 +610,7 @@ class Lab:
     def _ping(self, p: Ping) -> tuple[bool, str]:
         ns = self.plan.netns(p.src)
         r = subprocess.run(netns.exec_cmd(ns, ["ping", "-n", "-q", "-c", str(p.count), "-i", "0.2",
-                                               "-w", str(max(2, p.count)), p.to]),
+                                               "-w", str(max(2, p.count)), self.address_of(p.to)]),
                            capture_output=True, text=True)
         summary = next((ln for ln in r.stdout.splitlines() if "received" in ln), r.stderr.strip())
         return r.returncode == 0, summary.strip()
@@ -585,7 +627,7 @@ class Lab:
     def _tcp(self, c: Tcp) -> tuple[bool, str]:
         code = ("import socket, sys\n"
                 "try:\n"
-                f"    socket.create_connection(({c.to!r}, {c.port}), timeout=2).close()\n"
+                f"    socket.create_connection(({self.address_of(c.to)!r}, {c.port}), timeout=2).close()\n"
                 "except OSError as e:\n    print(e); sys.exit(1)\n")
         r = subprocess.run(netns.exec_cmd(self.plan.netns(c.src), [sys.executable, "-c", code]),
                            capture_output=True, text=True)
@@ -598,6 +640,7 @@ class Lab:
         if self.torn_down:
             return
         self.torn_down = True
+        self.detach_pods()  # while the agents still run: DEL as a runtime does when a pod goes
         self.procs.stop_all()
         if self.exec_socket is not None:
             self.exec_socket.unlink(missing_ok=True)

@@ -49,7 +49,7 @@ def test_default_lab_passes_twice_in_a_row_and_leaves_nothing(tmp_path: Path) ->
     again with a short checks file (the point is that nothing of the first run is in the way)."""
     before = snapshot()
     again = tmp_path / "again.checks.yml"
-    again.write_text(yaml.safe_dump({"timeout": 90, "pings": [{"from": "pod-a1", "to": "10.244.3.10"}]}))
+    again.write_text(yaml.safe_dump({"timeout": 90, "pings": [{"from": "pod-a1", "to": "pod-b1"}]}))
     for attempt, checks_path in ((1, None), (2, again)):
         out = io.StringIO()
         reports = tmp_path / f"report-{attempt}"
@@ -61,14 +61,18 @@ def test_default_lab_passes_twice_in_a_row_and_leaves_nothing(tmp_path: Path) ->
         assert text.count(" established ") >= 8
         for node in ("tor", "node-a1", "node-a2", "node-b1", "node-b2"):
             assert re.search(rf"bgp {node}: every session Established +pass", text), node
-        assert "ping pod-a1 -> 10.244.3.10" in text
+        assert "ping pod-a1 -> pod-b1" in text
+        # pods got their network through the CNI path: the first address of their node's pod CIDR
+        for pod, ip in (("pod-a1", "10.244.1.1"), ("pod-a2", "10.244.2.1"), ("pod-b1", "10.244.3.1"),
+                        ("pod-b2", "10.244.4.1")):
+            assert re.search(rf"{pod}: {re.escape(ip)} from node-{pod[4:]}'s CNI plugin", text), (pod, text)
         assert "teardown: done" in text
         assert (reports / "report.txt").read_text() in text
         svg = html.unescape((reports / "topology.svg").read_text())
         assert f"picture: {reports / 'topology.svg'}" in text
         assert all(f">{n}</text>" in svg for n in ("tor", "node-a1", "pod-b2", "client")), svg[:400]
         if attempt == 1:
-            assert "ping pod-b1 -> 10.244.1.10" in text
+            assert "ping pod-b1 -> pod-a1" in text
             assert re.search(r"route node-a1: 10\.244\.3\.0/24 via 10\.0\.2\.11 kind ipip +pass .*\(ipip, proto 80\)",
                              text), text
             # node-a1's /metrics, scraped and parsed during the lab, against the lab's sessions, routes, services
@@ -162,41 +166,37 @@ def test_sigterm_while_waiting_tears_everything_down(tmp_path: Path) -> None:
 
 
 def agent_lab(tmp_path: Path) -> Path:
-    """Two bgp-fabric agent nodes on one link (10.0.1.0/24), a Calico-style pod behind each."""
+    """Two bgp-fabric agent nodes on one link (10.0.1.0/24), a pod on each created through its CNI plugin."""
     (tmp_path / "cluster.yaml").write_text(yaml.safe_dump({
         "nodes": [{"name": f"n{i}", "address": f"10.0.1.1{i}", "podCIDRs": [f"10.244.{i}.0/24"]} for i in (1, 2)],
         "ipPools": [{"metadata": {"name": "default"}, "spec": {"cidr": "10.244.0.0/16", "ipipMode": "CrossSubnet"}}],
     }))
     nodes: dict = {}
-    for i, other in ((1, 2), (2, 1)):
+    for i in (1, 2):
         (tmp_path / f"n{i}").mkdir()
         (tmp_path / f"n{i}" / "config.yaml").write_text(yaml.safe_dump({
             "node": {"name": f"n{i}", "address": f"10.0.1.1{i}/24", "podCIDRs": [f"10.244.{i}.0/24"]},
             "pools": [{"cidr": "10.244.0.0/16", "ipipMode": "CrossSubnet"}],
             "timers": {"holdTime": 9}, "services": {"enabled": False},
-            "source": {"kind": "file", "path": "../cluster.yaml"}, "paths": {"runDir": "run"}}))
+            "source": {"kind": "file", "path": "../cluster.yaml"}, "paths": {"runDir": "run"},
+            "cni": {"enabled": True, "confDir": "run/net.d", "stateDir": "run/ipam", "socket": "run/cni.sock"}}))
         nodes[f"n{i}"] = {"image": "bgp-fabric:dev", "binds": [f"n{i}/config.yaml:/etc/bgp-fabric/config.yaml"],
-                          "exec": [f"ip addr add 10.0.1.1{i}/24 dev eth1",
-                                   f"ip route add default via 10.0.1.1{other}",  # proxy ARP needs a route
-                                   "sysctl -w net.ipv4.ip_forward=1",
-                                   "sysctl -w net.ipv4.conf.eth2.proxy_arp=1",
-                                   f"ip route add 10.244.{i}.10/32 dev eth2"]}
-        nodes[f"p{i}"] = {"image": "alpine", "exec": [f"ip addr add 10.244.{i}.10/32 dev eth1",
-                                                       "ip route add 169.254.1.1 dev eth1 scope link",
-                                                       "ip route add default via 169.254.1.1 dev eth1"]}
-    links = [{"endpoints": ["n1:eth1", "n2:eth1"]}, {"endpoints": ["n1:eth2", "p1:eth1"]},
-             {"endpoints": ["n2:eth2", "p2:eth1"]}]
+                          "exec": [f"ip addr add 10.0.1.1{i}/24 dev eth1", "sysctl -w net.ipv4.ip_forward=1"]}
+        nodes[f"p{i}"] = {"image": "alpine", "labels": {"bgp-fabric.io/node": f"n{i}"},
+                          "exec": ["ip -o addr show dev eth0"]}  # pod commands run after the CNI ADD
+    links = [{"endpoints": ["n1:eth1", "n2:eth1"]}]
     (tmp_path / "agents.clab.yml").write_text(yaml.safe_dump({"name": "ag", "topology": {"nodes": nodes,
                                                                                          "links": links}}))
     probe = {"rate": 50}
     (tmp_path / "agents.checks.yml").write_text(yaml.safe_dump({
-        "pings": [{"from": "p1", "to": "10.244.2.10"}],
+        "pings": [{"from": "p1", "to": "p2"}, {"from": "p2", "to": "10.244.1.1"}],
         "routes": [{"node": "n1", "prefix": "10.244.2.0/24", "via": "10.0.1.12", "kind": "direct"},
                    {"node": "n2", "prefix": "10.244.2.0/24", "kind": "blackhole"}],
-        # graceful restart both ways: neither fault may lose a packet
+        # graceful restart both ways: neither fault may lose a packet (nor may the pods: their veths,
+        # addresses and host routes don't depend on the agent running)
         "faults": [{"kill": {"node": "n2", "process": "exabgp"},
-                    "probe": dict(probe, **{"from": "p1", "to": "10.244.2.10"}), "maxLoss": 0},
-                   {"restart": {"node": "n1"}, "probe": dict(probe, **{"from": "p2", "to": "10.244.1.10"}),
+                    "probe": dict(probe, **{"from": "p1", "to": "p2"}), "maxLoss": 0},
+                   {"restart": {"node": "n1"}, "probe": dict(probe, **{"from": "p2", "to": "p1"}),
                     "maxLoss": 0}]}))
     return tmp_path / "agents.clab.yml"
 
@@ -210,9 +210,10 @@ def test_agent_nodes_run_report_their_status_and_clean_up(tmp_path: Path) -> Non
     assert rc == 0, text
     assert re.search(r"bgp n1: every session Established +pass +\S+ +1/1 established", text), text
     assert re.search(r"n2 +10\.0\.1\.11 +n1 +64512 +established", text), text  # from n2's status.json
+    assert "p1: 10.244.1.1 from n1's CNI plugin" in text and "ping p1 -> p2" in text, text
     assert re.search(r"route n1: 10\.244\.2\.0/24 via 10\.0\.1\.12 kind direct +pass", text), text
-    assert re.search(r"kill -9 exabgp on n2 +p1 -> 10\.244\.2\.10 @ 50/s +0/\d+ +0 .* pass", text), text
-    assert re.search(r"restart n1 +p2 -> 10\.244\.1\.10 @ 50/s +0/\d+ +0 .* pass", text), text
+    assert re.search(r"kill -9 exabgp on n2 +p1 -> p2 @ 50/s +0/\d+ +0 .* pass", text), text
+    assert re.search(r"restart n1 +p2 -> p1 @ 50/s +0/\d+ +0 .* pass", text), text
     assert not (tmp_path / "n1" / "run").exists() and not (tmp_path / "n2" / "run").exists()
     assert_nothing_left(before)
 

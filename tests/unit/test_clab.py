@@ -42,7 +42,8 @@ def test_default_lab_parses() -> None:
     # kinds.linux gives the default image to nodes that name none
     assert t.node("pod-a1").image == "nicolaka/netshoot:v0.13"  # type: ignore[union-attr]
     assert (Endpoint("tor", "eth1"), Endpoint("rack-a", "eth1")) in t.links_of("tor")
-    assert len(t.links) == 11
+    assert len(t.links) == 7  # pods have no links: their veth comes from the CNI plugin
+    assert t.node("pod-a1").labels == {"bgp-fabric.io/node": "node-a1"}  # type: ignore[union-attr]
     a1 = t.node("node-a1")
     assert a1 is not None and a1.image.startswith("bgp-fabric")
     assert a1.bind_for("/etc/bgp-fabric/config.yaml") == REPO / "labs" / "two-racks" / "node-a1.yaml"

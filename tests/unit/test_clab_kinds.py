@@ -111,3 +111,32 @@ def test_agent_without_config_is_an_error(tmp_path: Path) -> None:
 def test_parse_daemons_ignores_zebra_and_off_daemons() -> None:
     text = "# comment\nzebra=yes\nbgpd=yes\nospfd=no\nvtysh_enable=yes\nbgpd_options=\"-A 127.0.0.1\"\n"
     assert kinds.parse_daemons(text) == ("bgpd", "staticd")
+
+
+def test_pods_are_nodes_labelled_with_their_agent_node(tmp_path: Path) -> None:
+    cfg = "node: {name: n1, address: 10.0.1.11/24}\nsource: {kind: file, path: c.yaml}\n"
+    t = topo(tmp_path, {
+        "n1": {"image": "bgp-fabric", "binds": ["n1.yaml:/etc/bgp-fabric/config.yaml"]},
+        "p1": {"image": "alpine", "labels": {"bgp-fabric.io/node": "n1"}},
+    }, {"n1.yaml": cfg + "cni: {enabled: true, confDir: net.d}\n"})
+    plan = kinds.plan(t, "aaaa")
+    p1, n1 = plan.by_name("p1"), plan.by_name("n1")
+    assert p1.role is Role.POD and p1.pod_of == "n1" and not p1.speaks_bgp
+    assert n1.agent is not None and n1.agent.conflist == tmp_path / "net.d" / "10-bgp-fabric.conflist"
+
+
+@pytest.mark.parametrize("nodes, files, problem", [
+    ({"p1": {"labels": {"bgp-fabric.io/node": "ghost"}}}, {},
+     "topology.nodes.p1.labels.bgp-fabric.io/node: 'ghost' is not a bgp-fabric node of this topology"),
+    ({"h": {"image": "alpine"}, "p1": {"labels": {"bgp-fabric.io/node": "h"}}}, {},
+     "topology.nodes.p1.labels.bgp-fabric.io/node: 'h' is not a bgp-fabric node of this topology"),
+    ({"n1": {"image": "bgp-fabric", "binds": ["n1.yaml:/etc/bgp-fabric/config.yaml"]},
+      "p1": {"labels": {"bgp-fabric.io/node": "n1"}}},
+     {"n1.yaml": "node: {name: n1, address: 10.0.1.11/24}\nsource: {kind: file, path: c.yaml}\n"},
+     "topology.nodes.p1.labels.bgp-fabric.io/node: the agent of 'n1' does not serve pods "
+     "(set cni.enabled: true in its config)"),
+])
+def test_a_pod_needs_an_agent_node_that_serves_pods(tmp_path: Path, nodes: dict, files: dict, problem: str) -> None:
+    with pytest.raises(TopologyError) as e:
+        kinds.plan(topo(tmp_path, nodes, files), "aaaa")
+    assert problem in e.value.problems

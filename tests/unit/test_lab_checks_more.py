@@ -160,7 +160,9 @@ def test_picture_sessions_coloured_by_state_and_styled_by_path(two_racks: clab.T
     assert "style=dashed" in edge['"node-a1" -- "node-b1"'] and "#ff8c00" in edge['"node-a1" -- "node-b1"']
     assert "style=dotted" in edge['"node-a1" -- "tor"']
     assert 'taillabel="eth1" headlabel="eth1"' in edge['"tor" -- "rack-a"']  # links, with interface names
-    assert len([e for e in edge if "constraint=false" not in edge[e]]) == len(two_racks.links)
+    pods = [n for n in plan.nodes if n.pod_of]
+    assert len([e for e in edge if "constraint=false" not in edge[e]]) == len(two_racks.links) + len(pods)
+    assert picture.CNI_COLOUR in edge['"node-a1" -- "pod-a1"'] and '"pod-a1" [label="pod-a1\\npod"' in src
     assert '"rack-a" [label="rack-a\\nswitch"' in src and '"tor" [label="tor\\nFRR\\n10.0.1.1"' in src
     assert '"rack-b" [label="rack-b" shape=ellipse' in src
 
