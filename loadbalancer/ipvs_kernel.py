@@ -497,6 +497,11 @@ class KernelAdapter:
             errs = []
             for path, value in sysctls(self.device, os.uname().release):
                 try:
+                    # Already right (e.g. set by the DaemonSet's init container): no write, which a
+                    # container without privileges could not do (/proc/sys is read-only there).
+                    with open(f"/proc/sys/{path}") as f:
+                        if f.read().strip() == value:
+                            continue
                     with open(f"/proc/sys/{path}", "w") as f:
                         f.write(value)
                 except OSError as e:

@@ -142,6 +142,77 @@ def test_daemonset() -> None:
     init = {c["name"]: c for c in pod["initContainers"]}
     assert init["prepare-node"]["securityContext"] == {"privileged": True}
     assert "ip_forward" in init["prepare-node"]["command"][-1]
+    assert init["install-cni"]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    # The API server straight from the ConfigMap (optional keys), not through the ClusterIP the agent programs.
+    for var, key in (("KUBERNETES_SERVICE_HOST", "apiServerHost"), ("KUBERNETES_SERVICE_PORT", "apiServerPort")):
+        assert env[var]["valueFrom"] == {"configMapKeyRef": {"name": "bgp-fabric-config", "key": key, "optional": True}}
+
+
+def _agent_cfg():
+    return parse({"node": {"name": "n1", "address": "10.0.1.11/24"}, **yaml.safe_load(agent_config_text())})
+
+
+def test_init_container_sets_every_sysctl_the_agent_wants() -> None:
+    """The agent's container can't write /proc/sys: each sysctl it checks is set by prepare-node."""
+    from loadbalancer.ipvs_kernel import sysctls
+    (init,) = [c for c in find("DaemonSet")["spec"]["template"]["spec"]["initContainers"] if c["name"] == "prepare-node"]
+    script = init["command"][-1]
+    cfg = _agent_cfg()
+    wanted = dict(sysctls(cfg.services.device, "5.4.0")) | {"net/ipv4/ip_forward": "1"}  # old kernel: all of them
+    for path, value in wanted.items():
+        assert re.search(rf"^\s*(if .*then )?w {re.escape(path)} {value}\b", script, re.M), path
+    assert f"ip link add {cfg.services.device} type dummy" in script  # its device sysctls need the device
+
+
+def test_cni_paths_of_the_config_are_the_hosts() -> None:
+    """What the agent writes for the runtime (conflist, socket) and keeps (IPAM) is on the host, at the
+    paths the plugin and the runtime use."""
+    cfg = _agent_cfg()
+    assert cfg.cni.enabled
+    pod = find("DaemonSet")["spec"]["template"]["spec"]
+    (agent,) = pod["containers"]
+    vols = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: vols[m["name"]] for m in agent["volumeMounts"]}
+    for path in (cfg.cni.conf_dir, str(Path(cfg.cni.socket).parent), cfg.cni.state_dir):
+        assert mounts[path]["hostPath"]["path"] == path, path
+    assert not cfg.cni.state_dir.startswith("/run")  # on disk: allocations survive a reboot
+    (install,) = [c for c in pod["initContainers"] if c["name"] == "install-cni"]
+    imounts = {m["mountPath"]: vols[m["name"]] for m in install["volumeMounts"]}
+    assert imounts["/host/opt/cni/bin"]["hostPath"]["path"] == "/opt/cni/bin"
+
+
+def test_install_cni_script_installs_the_plugin_atomically(tmp_path: Path) -> None:
+    from cni.build import plugin
+    (install,) = [c for c in find("DaemonSet")["spec"]["template"]["spec"]["initContainers"] if c["name"] == "install-cni"]
+    script = install["command"][-1]
+    image_path = "/usr/lib/bgp-fabric/cni/bgp-fabric"
+    assert f"COPY --from=cni-plugin /out/bgp-fabric {image_path}" in (ROOT / "Dockerfile").read_text()
+    (tmp_path / "bin").mkdir()
+    script = script.replace(image_path, str(plugin())).replace("/host/opt/cni/bin", str(tmp_path / "bin"))
+    r = subprocess.run(install["command"][:-1] + [script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in (tmp_path / "bin").iterdir()] == ["bgp-fabric"]
+    assert oct((tmp_path / "bin" / "bgp-fabric").stat().st_mode & 0o777) == "0o755"
+    v = subprocess.run([str(tmp_path / "bin" / "bgp-fabric")], env={"CNI_COMMAND": "VERSION"}, input=b"{}",
+                       capture_output=True)
+    assert v.returncode == 0 and b"supportedVersions" in v.stdout
+
+
+def test_dockerfile_builds_the_plugin_as_the_tests_do() -> None:
+    from cni.build import CFLAGS
+    text = (ROOT / "Dockerfile").read_text()
+    m = re.search(r"gcc (.*) -o /out/bgp-fabric /src/bgp-fabric.c", text)
+    assert m and m.group(1).split() == CFLAGS
+
+
+def test_dockerignore_keeps_every_ignored_and_cache_folder_out() -> None:
+    ignored = {ln.strip().rstrip("/") for ln in (ROOT / ".dockerignore").read_text().splitlines()
+               if ln.strip() and not ln.startswith("#")}
+    for ln in (ROOT / ".gitignore").read_text().splitlines():
+        entry = ln.strip().rstrip("/")
+        if entry and not entry.startswith("#"):
+            assert entry in ignored or f"**/{entry}" in ignored, entry
+    assert {".cache", ".git", ".venv", "tests"} <= ignored
 
 
 def test_config_map_holds_a_valid_kubernetes_source_config() -> None:
@@ -189,9 +260,10 @@ def test_examples_are_used_by_the_agent_without_problems() -> None:
 def test_dockerfile() -> None:
     text = (ROOT / "Dockerfile").read_text()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    assert lines[0] == "FROM python:3.11-slim-bookworm"
+    assert [ln for ln in lines if ln.startswith("FROM ")] == ["FROM python:3.11-slim-bookworm AS cni-plugin",
+                                                               "FROM python:3.11-slim-bookworm"]
     for pkg in ("iproute2", "ipvsadm", "nftables", "conntrack", "kmod"):
-        assert re.search(rf"apt-get install .*\b{pkg}\b", text), pkg
+        assert re.search(rf"apt-get install .*\b{pkg}\b", text.split("FROM python:3.11-slim-bookworm\n")[1]), pkg
     assert "pip install ." in text
     assert lines[-1] == 'ENTRYPOINT ["fabric", "agent", "-c", "/etc/bgp-fabric/config.yaml"]'
     mounts = {m["mountPath"] for m in find("DaemonSet")["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
