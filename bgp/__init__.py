@@ -14,8 +14,11 @@ Modules (pure unless marked):
   `RejectionLog`.
 - `speaker` (asyncio, I/O): `Speaker(run_dir, on_event, exabgp=None, env=None)` with `start()`, `stop()`,
   `set_neighbors(list[Neighbor])`, `set_announcements(dict[prefix, Announcement])`, `status()`.
-- `exabgp_launch` (process): `python -m bgp.exabgp_launch --timers FILE CONFIG`, how the speaker runs ExaBGP:
-  with `exabgp_reactor` installed (event-driven waits instead of a 10 ms poll, connectRetry, keepalive).
-- `relay` (process): `python -m bgp.relay SOCKET`, the helper ExaBGP runs.
+- `exabgp_launch` (process): `python -m bgp.exabgp_launch --timers FILE --api-socket SOCKET CONFIG`, how the
+  speaker runs ExaBGP: with `exabgp_reactor` (event-driven waits instead of a 10 ms poll, connectRetry,
+  keepalive) and `exabgp_api` (its API on the speaker's socket directly) installed.
+- `relay` (process): `python -m bgp.relay SOCKET`, the helper a plain ExaBGP (`paths.exabgp`) runs.
+- `attributes`: `PathAttributes` (ExaBGP JSON in, ExaBGP command words out); `reflect`: route reflection
+  (`Reflector`, `Path`, `reflect()`, `looped()`), pure.
 - `cli_probe` (process): a Speaker driven by JSON lines, and `ProbeClient` to drive it from tests and labs.
 """

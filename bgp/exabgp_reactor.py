@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from bgp import exabgp_api
+
 IN = select.POLLIN | select.POLLPRI
 BAD = select.POLLHUP | select.POLLERR | select.POLLNVAL
 MAX_WAIT = 60.0  # seconds; a safety net only: every wake-up source is watched or has a deadline
@@ -350,8 +352,14 @@ def _wait_for_io(self, sleeptime):  # type: ignore[no-untyped-def]
         for fd, ev in fds:
             watch(fd, ev, p)
         deadlines += [(d, p) for d in ds]
+    api_fd = exabgp_api.live_fd()
     for fd in self.processes.fds if self.processes else ():
-        watch(fd, IN, ALL)
+        watch(fd, IN | (select.POLLRDHUP if fd == api_fd else 0), ALL)
+    exabgp_api.flush()
+    out_fd = exabgp_api.pending_fd()
+    if out_fd >= 0:  # output the agent's socket did not take yet: flush when writable (no peer's turn)
+        poller.register(out_fd, select.POLLOUT | IN | select.POLLRDHUP)
+        whom.setdefault(out_fd, ALL)
     if self.listener is not None:
         for sock in list(self.listener._sockets):
             watch(sock.fileno(), IN, ALL)
@@ -377,6 +385,11 @@ def _wait_for_io(self, sleeptime):  # type: ignore[no-untyped-def]
         who = whom.get(fd, ALL)
         if fd == STATE.wake_r:
             _drain(fd)
+        if fd == api_fd and fd >= 0:
+            exabgp_api.check(ev)  # the agent's side closed: ExaBGP exits (no NOTIFICATION)
+            if ev == select.POLLOUT:
+                exabgp_api.flush()
+                continue
         if ev & BAD:
             trouble = True
         if who is ALL:

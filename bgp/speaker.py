@@ -1,7 +1,8 @@
-"""Supervise ExaBGP as a child process and speak to it through the relay helper (asyncio).
+"""Supervise ExaBGP as a child process and speak to it over a unix socket (asyncio).
 
 The Speaker owns `run_dir` (mode 0700): `exabgp.conf` (generated, mode 0600: it holds MD5 passwords),
-`relay.sock` (our unix socket server, the relay connects to it, 0600), `exabgp.log` (ExaBGP's own
+`relay.sock` (our unix socket server, 0600: ExaBGP connects to it itself when it runs through our
+launcher, else the relay helper it starts does), `exabgp.log` (ExaBGP's own
 rotating log: LOG_BYTES x (1 + LOG_BACKUPS) at most) and `exabgp.out` (its stdout/stderr, i.e. crash
 output; rotated at each start). ExaBGP is started through `setpriv --pdeathsig KILL` (or our own tiny
 exec wrapper, bgp.deathsig, where util-linux is missing) so it dies with us — never with a
@@ -20,7 +21,8 @@ an ExaBGP that kept running (ExaBGP respawned its helper) means messages were lo
 restarted, the one clean resync.
 
 ExaBGP runs through our launcher (`python -m bgp.exabgp_launch`: event-driven reactor, keepalive and
-connect retry per neighbor from `exabgp.timers.json`) unless `exabgp` names another executable.
+connect retry per neighbor from `exabgp.timers.json`, its API on our socket directly: no relay process,
+and it exits when that connection closes) unless `exabgp` names another executable.
 Neighbor changes rewrite the config (and timers) and send SIGUSR1 (reload): ExaBGP keeps the sessions of neighbors
 whose definition did not change (checked by tests/kernel/test_bgp_speaker.py).
 """
@@ -172,7 +174,8 @@ class Speaker:
         neighbor), or the executable given as paths.exabgp (run as `EXE CONFIG`)."""
         if self.exabgp is not None:
             return [self.exabgp, str(self.config_path)]
-        return [sys.executable, "-m", "bgp.exabgp_launch", "--timers", str(self.timers_path), str(self.config_path)]
+        return [sys.executable, "-m", "bgp.exabgp_launch", "--timers", str(self.timers_path),
+                "--api-socket", str(self.socket_path), str(self.config_path)]
 
     async def _spawn(self) -> None:
         out_path = self.run_dir / "exabgp.out"

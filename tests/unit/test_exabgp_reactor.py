@@ -131,3 +131,44 @@ def test_a_connect_outcome_is_reported_once_per_change_to_the_api_processes() ->
         r.STATE.reactor, r.STATE.reported = old[0], old[1]
     msgs = [parse_line(x) for x in reactor.processes.lines]
     assert msgs == [ConnectMsg(IPv4Address("10.0.1.3"), "timeout", ""), ConnectMsg(IPv4Address("10.0.1.3"), "ok", "")]
+
+
+def test_direct_api_socket_both_ways_and_exit_when_the_agent_goes(tmp_path) -> None:
+    """ExaBGP through the launcher talks to our socket itself (no relay process): a command gets its
+    ack, and when our side closes ExaBGP exits at once (the agent restarts it)."""
+    import os
+    import socket
+    import time
+
+    from bgp import exabgp_config
+
+    sock_path = tmp_path / "api.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(sock_path))
+    server.listen(1)
+    server.settimeout(60)
+    conf = tmp_path / "exabgp.conf"
+    conf.write_text(exabgp_config.render([], sock_path))
+    env = dict(os.environ, **exabgp_config.environment(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-m", "bgp.exabgp_launch", "--api-socket", str(sock_path), str(conf)],
+                            env=env, cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        conn, _ = server.accept()  # ExaBGP itself, not a relay: nothing else was started
+        conn.settimeout(60)
+        conn.sendall(b"announce route 10.244.9.0/24 next-hop 10.0.0.9\n")
+        got = b""
+        while not got.endswith(b"\n"):
+            got += conn.recv(4096)
+        assert got.split(b"\n")[-2] in (b"done", b"error"), got  # the ack came back on the same socket
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert children == []  # no helper process
+        t0 = time.monotonic()
+        conn.close()
+        assert proc.wait(30) == 1
+        assert time.monotonic() - t0 < 10
+        assert "API socket" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.close()
