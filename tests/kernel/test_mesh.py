@@ -140,7 +140,7 @@ def test_plan_and_explain_on_a_converged_node(lab: MeshLab) -> None:
     ex = subprocess.run(["ip", "netns", "exec", a1.ns, fabric, "explain", "-c", str(lab.config_path(a1)),
                          "10.244.3.10"], capture_output=True, text=True)
     assert ex.returncode == 0, ex.stderr
-    assert "learned 10.244.3.0/24 from b1 (next hop 10.0.2.21): accepted" in ex.stdout, ex.stdout
+    assert "learned 10.244.3.0/24 from 1 source(s):\n  b1 (next hop 10.0.2.21): accepted\n" in ex.stdout, ex.stdout
     assert "another subnet" in ex.stdout and "IPIP via tunl0" in ex.stdout
 
 
