@@ -4,6 +4,11 @@
 retry time, which `next_deadline(now)` gives the agent's runner so it wakes for the retry and not
 before. A problem is logged once, when it appears or changes (one line, no traceback), and its
 recovery once; `status()` lists what is failing now and when it is retried.
+
+Two kinds of problem, kept apart in status and metrics: a **skipped** service (its object has a field
+the proxy can't use: bad input, reported and not retried — the next change of the object is its next
+chance) and a **failing** one (the kernel refused or did not answer: retried alone with backoff).
+Only failing ones are the stage's failures (`failing()`); skipped ones are `skipped()`.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ class ServiceSync:
         run_dir = run_dir if run_dir is not None else Path(cfg.paths.run_dir)
         self.proxy = ServiceProxy(cfg.services, cfg.node.name, [str(cfg.node.address.ip)],
                                   state_path=run_dir / OWNED_FILE, clock=clock, **proxy_args)
-        self.last_errors: dict[str, list[str]] = {}
+        self.last_errors: dict[str, list[str]] = {}  # every standing problem, as logged (skipped or failing)
         self.kernel_ops = 0
         self._noted: str | None = None
         self._skipped_logged: dict[str, tuple[str, ...]] = {}
@@ -45,19 +50,23 @@ class ServiceSync:
         result = self.proxy.sync(store, changes)
         self.kernel_ops += result.kernel_ops
         standing = self._standing(result.errors)
+        skipped = self.proxy.errors()
         for key, errs in sorted(standing.items()):
             if self.last_errors.get(key) != errs:
                 for e in errs:
-                    log.error("%s: %s", _subject(key), e)
+                    if key in skipped:
+                        log.warning("%s skipped (not retried until the object changes): %s", _subject(key), e)
+                    else:
+                        log.error("%s: %s", _subject(key), e)
         for key in sorted(self.last_errors.keys() - standing.keys()):
             log.info("%s: recovered", _subject(key))
         self.last_errors = standing
-        skipped = self.proxy.warnings()  # malformed slice entries (an address that is not IPv4, ...): said once
-        for svc, ws in sorted(skipped.items()):
+        entries = self.proxy.warnings()  # malformed slice entries (an address that is not IPv4, ...): said once
+        for svc, ws in sorted(entries.items()):
             for w in ws:
                 if w not in self._skipped_logged.get(svc, ()):
                     log.warning("service %s: %s", svc, w)
-        self._skipped_logged = skipped
+        self._skipped_logged = entries
         for w in result.warnings:
             log.warning("services: %s", w)
         note = self.proxy.ownership_note()
@@ -79,6 +88,21 @@ class ServiceSync:
 
     def next_deadline(self, now: float) -> float | None:
         return self.proxy.next_deadline(now)
+
+    def skipped(self) -> dict[str, str]:
+        """Services not programmed because of bad input (reported, not retried)."""
+        return self.proxy.errors()
+
+    def failing(self) -> dict[str, str]:
+        """What the kernel refused, retried alone with backoff: services and node-level concerns."""
+        return {key: "; ".join(f["errors"]) for key, f in self.proxy.failing(self._clock()).items()}
+
+    def errors(self) -> list[str]:
+        """One line per failing service or node-level concern, and node problems not retried (a sysctl):
+        the document's errors. Skipped services are not errors of the node (status `skipped`)."""
+        skipped = self.proxy.errors()
+        return [f"{_subject(key)}: {e}" for key, errs in sorted(self.last_errors.items()) if key not in skipped
+                for e in errs]
 
     def metrics(self, status: dict[str, Any]) -> list[Any]:
         from fabric.stage import Gauge
@@ -111,7 +135,7 @@ class ServiceSync:
                 "realServers": sum(len(v.reals) for v in desired.values()),
                 "skipped": self.proxy.errors(), "skippedSliceEntries": self.proxy.warnings(),
                 "skippedSlices": self.proxy.slice_errors(), "failing": self.proxy.failing(self._clock()),
-                "errors": self.last_errors, "warnings": self.proxy.node_warnings()}
+                "errors": self.errors(), "warnings": self.proxy.node_warnings()}
 
     def explain(self, what: str) -> str:
         return self.proxy.explain(what)

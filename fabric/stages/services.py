@@ -3,7 +3,9 @@
 On its own worker: a failing or hung service proxy (a stuck `nft`, an IPVS that refuses) never
 delays routes. Waits for the source's first complete list (an empty Store would mean "delete every
 service"). The proxy reports per-service failures and their retry deadlines; if it raises, the runner
-puts the changes back and retries with backoff.
+puts the changes back and retries with backoff. The stage's failures (its failing keys) are only what
+the kernel refused and is retried; a service skipped for bad input is reported in status (`skipped`),
+not counted as failing.
 """
 
 from __future__ import annotations
@@ -32,8 +34,7 @@ class ServicesStage(Stage):
         changes = Changes(inp.changes.keys, inp.changes.full or inp.full)
         self.sync.sync(self.agent.store, changes, inp.full)
         status = dict(self.sync.status()) if hasattr(self.sync, "status") else {}
-        errors = getattr(self.sync, "last_errors", {}) or {}
-        failures = {svc: "; ".join(errs) if isinstance(errs, list) else str(errs) for svc, errs in errors.items()}
+        failures = dict(self.sync.failing()) if hasattr(self.sync, "failing") else {}
         deadline = self.sync.next_deadline(inp.now) if hasattr(self.sync, "next_deadline") else None
         if getattr(self.sync, "warnings", None):
             status.setdefault("warnings", list(self.sync.warnings))
