@@ -40,8 +40,8 @@ class Neighbor:
     multihop: int | None = None  # outgoing TTL for multihop eBGP; None: ExaBGP default (1 for eBGP)
     graceful_restart_time: int = 120
     kind: Literal["mesh", "external"] = "mesh"
-    # ExaBGP forwards nothing between peers, so it can't reflect: these are kept for the agent (which
-    # decides what to announce to whom) and for status; they do not change the ExaBGP config.
+    # Route reflection is ours (bgp.reflect decides what is announced to whom; the session tracker drops
+    # routes that come back with cluster_id or our router ID): no part of the ExaBGP config.
     route_reflector_client: bool = False
     cluster_id: IPv4Address | None = None
     listen_port: int = 179  # where we accept this peer's connections

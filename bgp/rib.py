@@ -140,6 +140,13 @@ class Rib:
         """Who holds one prefix (stale included): {(peer, next hop)}. O(peers), for per-change work."""
         return {(name, r.next_hop) for name, p in self._peers.items() if (r := p.routes.get(prefix)) is not None}
 
+    def prefixes(self) -> list[IPv4Network]:
+        """Every prefix some peer holds (stale included)."""
+        out: set[IPv4Network] = set()
+        for p in self._peers.values():
+            out.update(p.routes)
+        return list(out)
+
     def paths(self, prefix: IPv4Network) -> list[Path]:
         """Every learned route to one prefix, attributes included (stale ones too: a reflector keeps
         passing on a restarting client's routes, as it keeps using them). O(peers)."""

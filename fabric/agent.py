@@ -34,6 +34,7 @@ from fabric.lifecycle import Lifecycle, Phase
 from fabric.metrics import AgentMetrics, peer_cause
 from fabric.runner import Runner
 from fabric.shared_rib import SharedRib
+from fabric.stages.bgp import BgpStage
 from fabric.stages.config import ConfigStage
 from fabric.stages.routes import RoutesStage
 from fabric.tracker import Store
@@ -108,6 +109,7 @@ class Agent:
         self.metrics = AgentMetrics(self)
         self.config_stage: ConfigStage | None = None
         self.routes_stage: RoutesStage | None = None
+        self.bgp_stage: BgpStage | None = None
         self.cni_stage: Any = None  # fabric.stages.cni.CniStage when cni.enabled
         self.started = time.time()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -150,6 +152,7 @@ class Agent:
         stages = stages_mod.build(self)
         self.config_stage = next(s for s in stages if isinstance(s, ConfigStage))
         self.routes_stage = next(s for s in stages if isinstance(s, RoutesStage))
+        self.bgp_stage = next((s for s in stages if isinstance(s, BgpStage)), None)
         self.cni_stage = next((s for s in stages if s.name == "cni"), None)
         t = self.cfg.timers
         self.runner = Runner(self.store, stages, complete=self._source_complete, min_interval=t.min_sync_interval,
@@ -344,6 +347,14 @@ class Agent:
                 rs.mark_all()  # a peer's whole set moved (down, up, End-of-RIB sweep, our restart)
         if self.runner is not None and (changed or isinstance(ev, (PeerUp, PeerDown, EndOfRib))):
             self.runner.wake("routes")
+        bs = self.bgp_stage
+        if bs is not None and bs.reflecting and changed:  # a route reflector passes the change on
+            if isinstance(ev, (RoutesAnnounced, RoutesWithdrawn)):
+                bs.mark_dirty(ev.prefixes)
+            else:
+                bs.mark_all()
+            if self.runner is not None:
+                self.runner.wake("bgp")
         if isinstance(ev, (EndOfRib, PeerUp, PeerDown, SpeakerRestarted)):
             self._update_lifecycle()
             self._schedule_status()

@@ -2,6 +2,10 @@
 
 Mesh neighbors are every other node (Calico's node-to-node mesh) in the cluster ASN (or a node's
 own ASN); external peers (ToRs, route reflectors) come from config, selected by node labels.
+Route reflection (Calico's routeReflectorClusterID): a node is a reflector when its Node carries the
+label RR_LABEL=<cluster ID> (this node: `node.routeReflectorClusterId` in its config wins). With the
+mesh off, reflectors peer with every other node (the nodes that are no reflectors are their clients,
+other reflectors are not) and every other node peers with the reflectors only.
 Announcements: this node's pod CIDRs to everyone; configured service ranges to external peers only
 (mesh members route services themselves through IPVS). An external peer's `export` filter removes
 that peer from the targets of every prefix it does not pass: what it denies is never announced to it.
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 
 from bgp.exabgp_config import Neighbor
 from bgp.policy import filter_verdict
+from bgp.reflect import Reflector
 from fabric.config import AgentConfig, Peer
 from fabric.inputs import NodeInfo
 from ipip.model import PeerRouting
@@ -42,6 +47,39 @@ def local_pod_cidrs(cfg: AgentConfig, me: NodeInfo | None) -> list[ipaddress.IPv
     return list(me.pod_cidrs) if me is not None else []
 
 
+RR_LABEL = "bgp-fabric.io/route-reflector-cluster-id"
+
+
+def reflector_clusters(cfg: AgentConfig, nodes: dict[str, NodeInfo]
+                       ) -> tuple[dict[str, ipaddress.IPv4Address], list[str]]:
+    """Route reflector nodes with their cluster ID, and the problems found (a bad label is reported and
+    that node is not a reflector)."""
+    out: dict[str, ipaddress.IPv4Address] = {}
+    problems: list[str] = []
+    for name, n in nodes.items():
+        v = n.labels.get(RR_LABEL)
+        if v is None:
+            continue
+        try:
+            out[name] = ipaddress.IPv4Address(v)
+        except ValueError:
+            problems.append(f"Node/{name}: label {RR_LABEL}={v!r} is not an IPv4 address; not a route reflector")
+    if cfg.node.route_reflector_cluster_id is not None:
+        out[cfg.node.name] = cfg.node.route_reflector_cluster_id
+    return out, problems
+
+
+def reflector(cfg: AgentConfig, nodes: dict[str, NodeInfo], neighbors: Iterable[Neighbor]) -> Reflector | None:
+    """This node as a route reflector (None: it is not one): its clients are the iBGP neighbors marked
+    route_reflector_client, every other iBGP neighbor is a non-client."""
+    cluster_id = reflector_clusters(cfg, nodes)[0].get(cfg.node.name)
+    if cluster_id is None:
+        return None
+    ibgp = [n for n in neighbors if n.peer_as == n.local_as]
+    clients = frozenset(n.name for n in ibgp if n.route_reflector_client)
+    return Reflector(cluster_id, cfg.node.address.ip, clients, frozenset(n.name for n in ibgp) - clients)
+
+
 def desired_neighbors(cfg: AgentConfig, nodes: dict[str, NodeInfo], previous: Iterable[str] = ()
                       ) -> tuple[list[Neighbor], list[str]]:
     """Neighbors for this node and the problems found. Every item is judged alone: a bad node or peer
@@ -57,7 +95,10 @@ def desired_neighbors(cfg: AgentConfig, nodes: dict[str, NodeInfo], previous: It
     problems: list[str] = []
     mesh_addrs: set[ipaddress.IPv4Address] = set()
     prev = set(previous)
-    if cfg.cluster.mesh:
+    rr, rr_problems = reflector_clusters(cfg, nodes)
+    problems += rr_problems
+    my_cluster = rr.get(cfg.node.name)
+    if cfg.cluster.mesh or rr:
         owner: dict[ipaddress.IPv4Address, str] = {}
         for name in sorted(nodes, key=lambda n: (n not in prev, n)):
             owner.setdefault(nodes[name].address, name)
@@ -67,6 +108,8 @@ def desired_neighbors(cfg: AgentConfig, nodes: dict[str, NodeInfo], previous: It
                 if name != cfg.node.name:
                     problems.append(f"Node/{name}: address {n.address} is this node's own; skipped")
                 continue
+            if not cfg.cluster.mesh and my_cluster is None and name not in rr:
+                continue  # mesh off: a node that is no reflector peers with the reflectors only
             if owner[n.address] != name:
                 problems.append(f"Node/{name}: address {n.address} is also node {owner[n.address]}'s; skipped "
                                 "(one of them is wrong)")
@@ -75,7 +118,9 @@ def desired_neighbors(cfg: AgentConfig, nodes: dict[str, NodeInfo], previous: It
             out.append(Neighbor(name=name, peer_address=n.address, peer_as=n.asn or cfg.cluster.asn,
                                 local_as=local_as, local_address=me_addr, router_id=me_addr,
                                 hold_time=t.hold_time, graceful_restart_time=t.graceful_restart_time, kind="mesh",
-                                keepalive=t.keepalive, connect_retry=t.connect_retry))
+                                keepalive=t.keepalive, connect_retry=t.connect_retry,
+                                route_reflector_client=not cfg.cluster.mesh and my_cluster is not None
+                                and name not in rr, cluster_id=my_cluster))
     me = nodes.get(cfg.node.name)
     labels = me.labels if me is not None else {}
     taken = {n.name for n in out}
@@ -99,7 +144,7 @@ def desired_neighbors(cfg: AgentConfig, nodes: dict[str, NodeInfo], previous: It
         if p.name in taken:
             problems.append(f"peer {p.name}: name clashes with a node name; skipped")
             continue
-        out.append(_external(p, cfg, local_as, me_addr))
+        out.append(_external(p, cfg, local_as, me_addr, my_cluster))
     good: list[Neighbor] = []
     for nb in out:
         bad = nb.problems()
@@ -123,13 +168,14 @@ def peer_routing(cfg: AgentConfig, neighbors: Iterable[Neighbor]) -> dict[str, P
     return out
 
 
-def _external(p: Peer, cfg: AgentConfig, local_as: int, me_addr: ipaddress.IPv4Address) -> Neighbor:
+def _external(p: Peer, cfg: AgentConfig, local_as: int, me_addr: ipaddress.IPv4Address,
+              cluster_id: ipaddress.IPv4Address | None) -> Neighbor:
     return Neighbor(name=p.name, peer_address=p.address, peer_as=p.asn, local_as=local_as,
                     local_address=p.source_address or me_addr, router_id=me_addr, hold_time=cfg.timers.hold_time,
                     port=p.port, md5_password=p.password, passive=p.passive, multihop=p.multihop,
                     graceful_restart_time=cfg.timers.graceful_restart_time, kind="external",
                     route_reflector_client=p.route_reflector_client,
-                    cluster_id=cfg.node.route_reflector_cluster_id, keepalive=cfg.timers.keepalive,
+                    cluster_id=cluster_id, keepalive=cfg.timers.keepalive,
                     connect_retry=cfg.timers.connect_retry)
 
 

@@ -133,7 +133,7 @@ class NodeSettings(Model):
     pod_cidrs: list[CIDR] = Field(default_factory=list, alias="podCIDRs")
     interface: str | None = Field(default=None, max_length=15)  # underlay device; default: holder of address
     asn: ASN | None = None  # per-node ASN override (Calico's node.spec.bgp.asNumber)
-    route_reflector_cluster_id: Address | None = None
+    route_reflector_cluster_id: Address | None = None  # this node reflects routes (else its Node label may say so)
 
 
 class PrefixFilter(Model):

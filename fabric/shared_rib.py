@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 from bgp.attributes import PathAttributes
 from bgp.events import BgpEvent
+from bgp.reflect import Path
 from bgp.rib import Rib
 
 
@@ -46,6 +47,14 @@ class SharedRib:
     def as_paths(self) -> dict[tuple[str, IPv4Network], tuple]:
         with self._lock:
             return self._rib.as_paths()
+
+    def paths(self, prefix: IPv4Network) -> list[Path]:
+        with self._lock:
+            return self._rib.paths(prefix)
+
+    def prefixes(self) -> list[IPv4Network]:
+        with self._lock:
+            return self._rib.prefixes()
 
     def counts(self) -> dict[str, dict[str, int]]:
         with self._lock:

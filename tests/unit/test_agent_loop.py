@@ -278,3 +278,35 @@ def test_fabric_status_names_the_phase_the_stages_and_a_conflict(tmp_path: Path)
 
     run_agent(h.agent(), body)
     assert k.routes[(N("10.244.1.0/24"), 0)][1] == 2  # never replaced
+
+
+def test_a_route_reflector_node_reflects_and_withdraws_per_change(tmp_path: Path) -> None:
+    """a1 is the reflector (label), the mesh is off: a2's and b1's routes are reflected to each other with
+    ORIGINATOR_ID and our cluster ID, next hop kept; a withdrawal is passed on; our own CIDR is ours."""
+    from bgp.attributes import PathAttributes
+    from bgp.events import RoutesWithdrawn
+    from fabric.bgp_desired import RR_LABEL
+
+    nodes = [dict(n) for n in NODES]
+    nodes[0]["labels"] = {RR_LABEL: "10.0.0.100"}
+    cluster(tmp_path / "cluster.yaml", nodes=nodes)
+    h = Harness(tmp_path, cluster={"mesh": False})
+
+    async def body(agent: Agent) -> None:
+        await until("neighbors", lambda: h.speaker is not None and len(h.speaker.neighbors) == 2)
+        assert all(n.route_reflector_client for n in h.speaker.neighbors)
+        agent._on_bgp_event(PeerUp("a2", A("10.0.1.12"), 30, A("10.0.1.12")))
+        agent._on_bgp_event(PeerUp("b1", A("10.0.2.21"), 30, A("10.0.2.21")))
+        agent._on_bgp_event(RoutesAnnounced("a2", A("10.0.1.12"), (N("10.244.2.0/24"),),
+                                            PathAttributes(local_pref=100)))
+        await until("reflected", lambda: N("10.244.2.0/24") in h.speaker.announced)
+        a = h.speaker.announced[N("10.244.2.0/24")]
+        assert a.next_hop == A("10.0.1.12") and a.neighbors == frozenset({"b1"})
+        assert a.path == PathAttributes(local_pref=100, originator_id=A("10.0.1.12"), cluster_list=(A("10.0.0.100"),))
+        assert h.speaker.announced[N("10.244.1.0/24")].path is None  # our own, not a reflection
+        assert "10.244.2.0/24" in h.ours()  # and the reflector routes to it itself
+        assert agent.runner.status()["bgp"]["reflector"]["reflected"] == 1
+        agent._on_bgp_event(RoutesWithdrawn("a2", (N("10.244.2.0/24"),)))
+        await until("withdrawn", lambda: N("10.244.2.0/24") not in h.speaker.announced)
+
+    run_agent(h.agent(), body)

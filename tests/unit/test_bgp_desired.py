@@ -245,3 +245,63 @@ def test_one_peer_address_for_disjoint_node_sets_is_judged_per_node() -> None:
                                                  "nodeSelector"):
         make_cfg(peers=[{"name": "x", "address": "10.0.0.1", "asn": 65000},
                         {"name": "y", "address": "10.0.0.1", "asn": 65001}])
+
+
+def rr_nodes(**rr: str) -> dict[str, NodeInfo]:
+    """Six nodes; `rr` gives some of them the route-reflector label (name -> cluster ID)."""
+    from fabric.bgp_desired import RR_LABEL
+
+    out = {}
+    for i, name in enumerate(["a1", "a2", "a3", "b1", "b2", "b3"]):
+        labels = {RR_LABEL: rr[name]} if name in rr else {}
+        out[name] = NodeInfo(name=name, address=f"10.0.{1 if name[0] == 'a' else 2}.{11 + i}",
+                             podCIDRs=[f"10.244.{i + 1}.0/24"], labels=labels)
+    return out
+
+
+def test_mesh_off_reflectors_peer_with_everyone_others_with_the_reflectors_only() -> None:
+    from fabric.bgp_desired import reflector
+
+    nodes = rr_nodes(a2="10.0.0.100", b2="10.0.0.100")
+    rr = make_cfg(cluster={"mesh": False}, node={"name": "a2", "address": "10.0.1.12/24"})
+    ns, problems = desired_neighbors(rr, nodes)
+    assert problems == []
+    assert [(n.name, n.route_reflector_client, str(n.cluster_id)) for n in ns] == [
+        ("a1", True, "10.0.0.100"), ("a3", True, "10.0.0.100"), ("b1", True, "10.0.0.100"),
+        ("b2", False, "10.0.0.100"), ("b3", True, "10.0.0.100")]  # the other reflector: not a client
+    assert {n.kind for n in ns} == {"mesh"}
+    r = reflector(rr, nodes, ns)
+    assert r is not None and str(r.cluster_id) == "10.0.0.100" and str(r.router_id) == "10.0.1.12"
+    assert r.clients == {"a1", "a3", "b1", "b3"} and r.non_clients == {"b2"}
+    client = make_cfg(cluster={"mesh": False}, node={"name": "b3", "address": "10.0.2.16/24"})
+    ns, _ = desired_neighbors(client, nodes)
+    assert [(n.name, n.route_reflector_client, n.cluster_id) for n in ns] == [("a2", False, None), ("b2", False, None)]
+    assert reflector(client, nodes, ns) is None
+    # with the mesh on, the labels change nothing about who peers with whom (a reflector there has no client)
+    ns, _ = desired_neighbors(make_cfg(node={"name": "b3", "address": "10.0.2.16/24"}), nodes)
+    assert len(ns) == 5
+
+
+def test_reflector_by_config_and_explicit_client_peers() -> None:
+    from fabric.bgp_desired import reflector
+
+    nodes = rr_nodes()
+    cfg = make_cfg(cluster={"mesh": False}, node={"name": "a1", "address": "10.0.1.11/24",
+                                                   "routeReflectorClusterId": "10.0.0.7"},
+                   peers=[{"name": "c1", "address": "10.0.9.1", "asn": 64512, "routeReflectorClient": True},
+                          {"name": "rr9", "address": "10.0.9.2", "asn": 64512},
+                          {"name": "tor", "address": "10.0.1.1", "asn": 65000}])
+    ns, _ = desired_neighbors(cfg, nodes)
+    # the config alone makes a1 a reflector; no other node is one, so every node is its client
+    assert {n.name for n in ns if n.route_reflector_client} == {"a2", "a3", "b1", "b2", "b3", "c1"}
+    r = reflector(cfg, nodes, ns)
+    assert r is not None and r.non_clients == {"rr9"}  # iBGP, not a client; the eBGP tor is neither
+    assert all(str(n.cluster_id) == "10.0.0.7" for n in ns)  # every session drops routes that come back
+
+
+def test_a_bad_reflector_label_is_reported_and_ignored() -> None:
+    nodes = rr_nodes(a2="not-an-address", b2="10.0.0.100")
+    ns, problems = desired_neighbors(make_cfg(cluster={"mesh": False}), nodes)  # a1, a client
+    assert [n.name for n in ns] == ["b2"]
+    assert problems == ["Node/a2: label bgp-fabric.io/route-reflector-cluster-id='not-an-address' is not an "
+                        "IPv4 address; not a route reflector"]

@@ -26,12 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("fabric", "bgp", "ipip", "loadbalancer", "cni")
 
 # Fields no code reads yet, each with the reason it may stay accepted for now.
-ALLOWED_UNUSED: dict[str, str] = {
-    # Route reflection is being implemented on the `perf` branch: its BGP side (bgp.reflect) is on main
-    # and reads the cluster ID; which external peers are clients is carried into Neighbor and not read
-    # yet. Remove this entry when it is (the test then proves it is read).
-    "Peer.route_reflector_client": "route reflection (perf) in progress: carried into Neighbor, not read yet",
-}
+ALLOWED_UNUSED: dict[str, str] = {}  # field -> why it may stay unread for now (none)
 
 
 # Fields that only change what the config model accepts (read in fabric/config.py alone).
