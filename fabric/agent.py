@@ -46,7 +46,8 @@ log = logging.getLogger("fabric.agent")
 
 STATUS_INTERVAL = 1.0  # seconds between status file writes at most
 WAITING_FOR_SOURCE = "waiting for the first complete list from the Kubernetes API; the dataplane is left as it is"
-RTMGRP_LINK, RTMGRP_IPV4_IFADDR = 0x1, 0x10
+RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
+MONITOR_RCVBUF = 8 << 20  # a burst of other owners' route changes (a peer daemon's full table) fits
 
 
 class StartError(Exception):
@@ -115,6 +116,7 @@ class Agent:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
         self._monitor: Any = None
+        self._monitor_filtered = False
         self._status_at = 0.0
         self._status_handle: asyncio.TimerHandle | None = None
         self._stall_handle: asyncio.TimerHandle | None = None
@@ -252,12 +254,13 @@ class Agent:
         self.speaker = Speaker(self.run_dir, self._on_bgp_event, exabgp=self.cfg.paths.exabgp)
 
     def _start_monitor(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Address and link changes of this namespace wake the routes stage (the node address coming or
-        going, the underlay or tunnel device changing): no polling for facts."""
+        """Address, link and IPv4 route changes of this namespace reach the routes stage: the node address
+        coming or going, a device going down or up, a route of ours deleted or replaced by someone else.
+        No polling for any of them."""
         try:
-            self._monitor = nl.open_monitor(RTMGRP_LINK | RTMGRP_IPV4_IFADDR)
+            self._monitor = nl.open_monitor(RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE, rcvbuf=MONITOR_RCVBUF)
         except OSError as e:
-            log.warning("no address/link monitor (%s): facts are re-read at each resync only", e)
+            log.warning("no address/link/route monitor (%s): the kernel is re-read at each resync only", e)
             return
         loop.add_reader(self._monitor.fileno(), self._on_monitor)
 
@@ -269,22 +272,37 @@ class Agent:
         rs = self.routes_stage
         assert rs is not None and self.runner is not None
         view = rs.view
-        relevant = view is None or view.facts is None
-        for typ, body in msgs:
-            if relevant:
+        # Not read yet, or the node address missing: any change may be the one awaited; the read decides.
+        facts = view is None or view.facts is None
+        wake = False
+        for typ, flags, pid, body in msgs:
+            if facts:
                 break
-            if typ == nl.NLMSG_ERROR:  # the kernel dropped notifications: don't guess
-                relevant = True
+            if typ == nl.NLMSG_ERROR:  # the kernel dropped notifications: don't guess, read it all again
+                facts = True
             elif typ in (rtnl.RTM_NEWADDR, rtnl.RTM_DELADDR):
                 a = rtnl.decode_addr(body)
-                relevant = a is not None and (a.address == self.cfg.node.address.ip or a.prefixlen < 32
-                                              or (view.tunnel is not None and a.index == view.tunnel.index))
-            elif typ in (rtnl.RTM_NEWLINK, rtnl.RTM_NEWLINK + 1):
-                ln = rtnl.decode_link(body)
-                relevant = ln.name in (view.facts.device, self.cfg.dataplane.tunnel_device)  # type: ignore[union-attr]
-        if relevant:
+                facts = a is not None and (a.address == self.cfg.node.address.ip or a.prefixlen < 32
+                                           or (view.tunnel is not None and a.index == view.tunnel.index))
+            else:  # routes and links: per key, in the stage
+                wake = rs.kernel_event(typ, flags, pid, body) or wake
+        if facts and msgs:
             rs.facts_changed()
+            wake = True
+        if wake:
             self.runner.wake("routes")
+
+    def _filter_monitor(self) -> None:
+        """Once the routes stage has its route socket: the kernel drops the echo of our own writes before
+        it reaches the monitor (the stage also ignores them by port id)."""
+        rs = self.routes_stage
+        if self._monitor is None or self._monitor_filtered or rs is None or not rs.portid:
+            return
+        try:
+            nl.ignore_sender(self._monitor, rs.portid)
+        except OSError as e:
+            log.warning("monitor: no kernel filter for our own writes (%s): they are dropped in the agent", e)
+        self._monitor_filtered = True
 
     # ------------------------------------------------------------------------------------------
     def publish_config(self, cfg: AgentConfig, complete: bool) -> None:
@@ -363,6 +381,8 @@ class Agent:
         rs = self.routes_stage
         if stage is rs and rs is not None and rs.adopted is not None:
             self.lifecycle.adopt(len(rs.adopted))
+        if stage is rs:
+            self._filter_monitor()
         cs = self.cni_stage
         if stage is rs and cs is not None and rs.view is not None and rs.view.facts is not None \
                 and rs.view.facts.mtu != cs.mtu and self.runner is not None:

@@ -55,6 +55,7 @@ class KernelView:
     ifname: dict[int, str]
     tunnel: TunnelState | None
     addresses: tuple[rtnl.Address, ...] = field(default=(), repr=False)
+    links: dict[int, rtnl.Link] = field(default_factory=dict, repr=False)  # by index: name, up, mtu
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,11 @@ class RouteKernel:
 
     def close(self) -> None:
         self._sock.close()
+
+    @property
+    def portid(self) -> int:
+        """This socket's netlink port id: the kernel's notifications of our own writes carry it."""
+        return int(self._sock.getsockname()[0])
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -118,14 +124,14 @@ class RouteKernel:
                       None)
         if holder is None:
             why = f"no interface holds the node address {node_ip}" + (f" on {device}" if device else "")
-            return KernelView(None, why, None, owned, foreign, ifindex, ifname, tunnel, addrs)
+            return KernelView(None, why, None, owned, foreign, ifindex, ifname, tunnel, addrs, by_index)
         kernel_prefix = ipaddress.IPv4Interface(f"{node_ip}/{holder.prefixlen}")
         connected = tuple(sorted({(ipaddress.IPv4Interface(f"{a.address}/{a.prefixlen}").network,
                                    ifname.get(a.index, "?"))
                                   for a in addrs if a.index != t and a.prefixlen < 32 and not a.address.is_loopback}))
         facts = NodeFacts(address=node_ip, network=kernel_prefix.network, device=ifname[holder.index],
                           mtu=underlay_mtu or by_index[holder.index].mtu, routes=tuple(underlay), connected=connected)
-        return KernelView(facts, None, kernel_prefix, owned, foreign, ifindex, ifname, tunnel, addrs)
+        return KernelView(facts, None, kernel_prefix, owned, foreign, ifindex, ifname, tunnel, addrs, by_index)
 
     # -- writing ---------------------------------------------------------------------------------
 

@@ -174,17 +174,42 @@ def _collect(sock: socket.socket, pending: dict[int, T], errors: list[tuple[T, i
             off += (ln + 3) & ~3 if ln else len(data)
 
 
+SO_RCVBUFFORCE, SO_ATTACH_FILTER = 33, 26
+
+
 def open_monitor(groups: int, *, rcvbuf: int = 1 << 20) -> socket.socket:
-    """A non-blocking socket listening to rtnetlink multicast `groups` (for an event loop's reader)."""
+    """A non-blocking socket listening to rtnetlink multicast `groups` (for an event loop's reader).
+    The receive buffer is forced to `rcvbuf` when we may (root), so a burst of events is not dropped."""
     s = open_netlink(NETLINK_ROUTE, rcvbuf=rcvbuf, groups=groups)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+    except OSError:
+        pass  # not privileged: SO_RCVBUF's (capped) value stands
     s.setblocking(False)  # a socket timeout would make an empty recv wait out the timeout
     return s
 
 
-def drain(sock: socket.socket) -> list[tuple[int, bytes]]:
-    """Every message queued on a non-blocking monitor socket: (type, body); [] when none.
-    An overrun (ENOBUFS: the kernel dropped notifications) is reported as one (NLMSG_ERROR, b"")."""
-    out: list[tuple[int, bytes]] = []
+def ignore_sender(sock: socket.socket, portid: int) -> None:
+    """Drop, in the kernel, the notifications caused by requests of the socket `portid` (they carry its
+    port id): a monitor then never queues the echo of our own writes (10,000 routes written would be
+    10,000 notifications to read and could overrun its buffer). A classic BPF socket filter."""
+    import ctypes
+
+    be = struct.unpack(">I", struct.pack("=I", portid))[0]  # BPF_ABS loads are big-endian
+    prog = [(0x20, 0, 0, 12),  # ld [12]: nlmsg_pid
+            (0x15, 0, 1, be),  # jeq portid -> drop
+            (0x06, 0, 0, 0),  # ret 0 (drop)
+            (0x06, 0, 0, 0xFFFFFFFF)]  # ret all
+    code = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *i) for i in prog))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, struct.pack("HL", len(prog), ctypes.addressof(code)))
+
+
+def drain(sock: socket.socket) -> list[tuple[int, int, int, bytes]]:
+    """Every message queued on a non-blocking monitor socket: (type, flags, sender port id, body); []
+    when none. A notification caused by a request carries the requester's port id and the request's
+    flags (NLM_F_REPLACE for a replace). An overrun (ENOBUFS: the kernel dropped notifications) is
+    reported as one (NLMSG_ERROR, 0, 0, b"")."""
+    out: list[tuple[int, int, int, bytes]] = []
     while True:
         try:
             data = sock.recv(1 << 20)
@@ -192,13 +217,13 @@ def drain(sock: socket.socket) -> list[tuple[int, bytes]]:
             return out
         except OSError as e:
             if e.errno == errno.ENOBUFS:
-                out.append((NLMSG_ERROR, b""))
+                out.append((NLMSG_ERROR, 0, 0, b""))
                 continue
             raise
         off = 0
         while off + 16 <= len(data):
-            ln, typ, _fl, _seq, _pid = struct.unpack_from("=IHHII", data, off)
+            ln, typ, fl, _seq, pid = struct.unpack_from("=IHHII", data, off)
             if ln < 16:
                 break
-            out.append((typ, data[off + 16:off + ln]))
+            out.append((typ, fl, pid, data[off + 16:off + ln]))
             off += (ln + 3) & ~3

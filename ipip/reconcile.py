@@ -11,11 +11,20 @@ same (table, dst, tos, metric) key — the kernel's replace would overwrite it w
 Such a key is reported as a conflict and re-tried (a create with NLM_F_EXCL, which the kernel refuses
 while the other route is there) on the same backoff, so it converges once the other route goes.
 Deletes match our protocol, so they never remove another owner's route.
+
+Between dumps the dataplane side follows the kernel's own route events (the routes stage feeds them):
+one of our routes deleted or changed by someone else, another owner's route appearing at or leaving
+one of our keys, and a device going down — the kernel then drops every IPv4 route through it without
+telling anyone (no RTM_DELROUTE), so the reconciler drops those keys itself. Each such key is pending
+at once and repaired alone: no dump, no full resync. When an obstacle goes (the other owner's route is
+deleted, the device comes back up) the keys it held back are retried at once instead of at their
+backoff time.
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -90,6 +99,12 @@ class RouteOps:
         return [("delete", r) for r in self.delete] + self.write
 
 
+def _order(name: str) -> tuple[int, int, int]:
+    dst, _, metric = name.partition(" metric ")
+    net = ipaddress.IPv4Network(dst)
+    return int(net.network_address), net.prefixlen, int(metric or 0)
+
+
 class RouteReconciler:
     def __init__(self, backoff: Backoff = Backoff()) -> None:
         self.desired: dict[RouteKey, Route] = {}
@@ -102,6 +117,9 @@ class RouteReconciler:
         # Every kind is there from the start, so a reader on another thread never sees the dict grow.
         self.programmed: dict[str, int] = {k: 0 for k in ROUTE_KINDS}
         self._programmed_kind: dict[RouteKey, str] = {}
+        # another owner's route next to ours at one of our keys (`ip route append`): reported, never fought
+        self.shared: dict[RouteKey, str] = {}
+        self._by_device: dict[str, set[RouteKey]] = {}  # dataplane keys by next-hop device (device_down)
 
     # -- the desired side ---------------------------------------------------------------------------
     def _check(self, k: RouteKey) -> None:
@@ -142,17 +160,113 @@ class RouteReconciler:
             self._check(k)
 
     # -- the dataplane side ---------------------------------------------------------------------------
+    def _dp_set(self, k: RouteKey, r: Route) -> None:
+        old = self.dataplane.get(k)
+        if old is not None:
+            self._dp_unindex(k, old)
+        self.dataplane[k] = r
+        for h in r.nexthops:
+            self._by_device.setdefault(h.device, set()).add(k)
+
+    def _dp_pop(self, k: RouteKey) -> Route | None:
+        old = self.dataplane.pop(k, None)
+        if old is not None:
+            self._dp_unindex(k, old)
+        return old
+
+    def _dp_unindex(self, k: RouteKey, r: Route) -> None:
+        for h in r.nexthops:
+            keys = self._by_device.get(h.device)
+            if keys is not None:
+                keys.discard(k)
+                if not keys:
+                    del self._by_device[h.device]
+
     def set_dataplane(self, owned: Mapping[RouteKey, Route], foreign: Mapping[RouteKey, str]) -> None:
         """What a dump found: our routes and other owners' keys. Re-compares every key."""
         keys = self.dataplane.keys() | owned.keys() | self.desired.keys()
         self.dataplane, self.foreign = dict(owned), dict(foreign)
+        self._by_device = {}
+        for k, r in self.dataplane.items():
+            for h in r.nexthops:
+                self._by_device.setdefault(h.device, set()).add(k)
+        self.shared = {k: self.foreign[k] for k in self.dataplane if k in self.foreign}
         self.synced = True
         for k in keys:
             self._check(k)
 
+    # -- the kernel's own events between dumps (O(1) each, O(routes through it) for a device) ---------
+    def kernel_route(self, route: Route, deleted: bool) -> bool:
+        """A route of our protocol changed by someone else (not by our writes). Returns whether the
+        dataplane side changed (the key is then pending if it differs from what we want)."""
+        k = route.id
+        if deleted:
+            held = self.dataplane.get(k)
+            if held is None or held.key() != route.key():
+                return False  # not what we hold there (already replaced since): stale news
+            self._dp_pop(k)
+            self.shared.pop(k, None)
+        else:
+            held = self.dataplane.get(k)
+            if held is not None and held.key() == route.key():
+                return False
+            self._dp_set(k, route)
+            if k in self.foreign:
+                self.shared[k] = self.foreign[k]
+        self._check(k)
+        return True
+
+    def kernel_foreign(self, k: RouteKey, text: str | None, *, replaced: bool = False, now: float = 0.0) -> bool:
+        """Another owner's route appeared at key `k` (`text`; `replaced`: it replaced the route there, so
+        ours is gone) or left it (`text` None). Returns whether it concerns one of our keys."""
+        ours = k in self.desired or k in self.dataplane or k in self.failures
+        if text is None:
+            gone = self.foreign.pop(k, None) is not None
+            self.shared.pop(k, None)
+            f = self.failures.items.get(k)
+            if f is not None and f.conflict:
+                f.retry_at = now  # the obstacle is gone: retry now, not at the backoff time
+            return ours and gone
+        self.foreign[k] = text
+        if not ours:
+            return False
+        if replaced and k in self.dataplane:
+            self._dp_pop(k)  # theirs took our route's place: ours is gone (never written over theirs again)
+            self.shared.pop(k, None)
+        elif k in self.dataplane:
+            self.shared[k] = text  # next to ours: reported, left alone
+        self._check(k)
+        return True
+
+    def device_down(self, device: str) -> list[Route]:
+        """`device` went down: the kernel dropped (silently) every IPv4 route whose next hops all go
+        through it. Drops them from the dataplane side (pending again); returns them."""
+        gone = []
+        for k in list(self._by_device.get(device, ())):
+            r = self.dataplane[k]
+            if all(h.device == device for h in r.nexthops):
+                self._dp_pop(k)
+                self.shared.pop(k, None)
+                self._check(k)
+                gone.append(r)
+        return gone
+
+    def device_up(self, device: str, now: float) -> int:
+        """`device` is up again: failed writes through it are retried now. Returns how many."""
+        n = 0
+        for k, f in self.failures.items.items():
+            d = self.desired.get(k)
+            if f.retry_at > now and d is not None and any(h.device == device for h in d.nexthops):
+                f.retry_at = now
+                n += 1
+        return n
+
     # -- planning and recording ---------------------------------------------------------------------
     def pending(self) -> set[RouteKey]:
         return set(self._pending)
+
+    def is_pending(self, k: RouteKey) -> bool:
+        return k in self._pending
 
     def plan(self, now: float) -> RouteOps:
         """The operations due now: every pending key whose failure (if any) is due for a retry."""
@@ -182,14 +296,15 @@ class RouteReconciler:
         for r in ops.delete:
             e = bad.get(("delete", r.id))
             if e is None:
-                self.dataplane.pop(r.id, None)
+                self._dp_pop(r.id)
+                self.shared.pop(r.id, None)
                 self._check(r.id)
             else:
                 self.failures.fail(r.id, f"delete {r.text()}: {os.strerror(e)}", now)
         for op, r in ops.write:
             e = bad.get((op, r.id))
             if e is None:
-                self.dataplane[r.id] = r
+                self._dp_set(r.id, r)
                 self.foreign.pop(r.id, None)
                 self._check(r.id)
             elif op == "create" and e == errno.EEXIST:
@@ -203,7 +318,14 @@ class RouteReconciler:
         return self.failures.next_deadline()
 
     def problems(self) -> dict[str, dict]:
-        """Per failed route (by `dst metric N`): error, attempts, next retry, conflict or not."""
-        return {f"{k[0]}" + (f" metric {k[1]}" if k[1] else ""): {
-            "error": f.error, "attempts": f.attempts, "retryAt": f.retry_at, "since": f.since, "conflict": f.conflict}
-            for k, f in sorted(self.failures.items.items(), key=lambda kv: (kv[0][0].network_address, kv[0][1]))}
+        """Per failed route (by `dst metric N`): error, attempts, next retry, conflict or not; and our
+        routes another owner put a route next to (a conflict with nothing to retry: both are left)."""
+        def name(k: RouteKey) -> str:
+            return f"{k[0]}" + (f" metric {k[1]}" if k[1] else "")
+
+        out = {name(k): {"error": f"another owner's route next to ours at the same key: {why} (both left as "
+                                  "they are)", "attempts": 0, "retryAt": None, "since": None, "conflict": True}
+               for k, why in self.shared.items() if k not in self.failures}
+        out.update({name(k): {"error": f.error, "attempts": f.attempts, "retryAt": f.retry_at, "since": f.since,
+                              "conflict": f.conflict} for k, f in self.failures.items.items()})
+        return dict(sorted(out.items(), key=lambda kv: _order(kv[0])))

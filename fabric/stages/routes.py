@@ -7,6 +7,14 @@ through ipip.reconcile.RouteReconciler: never where another owner's route sits, 
 alone with backoff. The first read adopts every route we own; while the lifecycle holds, adopted
 routes are added to the desired set (kept, never removed). Before the source's first complete list,
 or while the node address is on no interface, nothing is written at all.
+
+Between reads the kernel's own events keep the dataplane side true (`kernel_event`, fed by the
+agent's rtnetlink monitor): a route of ours deleted or changed by someone else, another owner's route
+appearing at or leaving one of our keys, a device going down (the kernel then drops every route
+through it without an RTM_DELROUTE) or up. Each is repaired per key in the next run — no kernel read,
+no recompute — and a key held back by the device or the other route is retried at once when that goes.
+Only what changes the node's facts (the node or tunnel device renamed, re-created, its MTU; a lost
+notification) makes the next run read the kernel again.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from fabric.config import AgentConfig
 from fabric.import_policy import ImportFilter
 from fabric.route_state import RouteState, make_inputs
 from fabric.stage import Gauge, Stage, StageInput, StageResult
+from ipip import netlink as nl
+from ipip import rtnl
 from ipip.kernel import KernelView, OpError, set_sysctl
 from ipip.model import Route, RouteKey, same_subnet_network, tunnel_address
 from ipip.reconcile import Failures, RouteReconciler
@@ -62,6 +72,7 @@ class RoutesPrep:
     holding: bool
     dirty: frozenset[Prefix] | None  # None: recompute every prefix
     facts_changed: bool
+    events: tuple[tuple, ...] = ()  # the kernel's route/link events since the last run (kernel_event)
 
 
 class RoutesStage(Stage):
@@ -90,10 +101,14 @@ class RoutesStage(Stage):
         self._problem_text: dict[RouteKey, str] = {}  # the refusal / conflict last logged per route key  # (peer, reason code) logged -> its count then
         self._forward_set = False
         self.applied = False  # a run got as far as writing (the desired state was known)
+        self.reads = 0  # kernel reads (dumps): the first, resyncs, facts changes; not per-key repairs
+        self.repairs = 0  # keys the kernel's events made pending again (deleted / replaced / device down)
+        self.portid: int | None = None  # our route socket's netlink port id (its writes' notifications)
         # loop side
         self._dirty: set[Prefix] = set()
         self._dirty_all = True
         self._facts_changed = True
+        self._events: list[tuple] = []
 
     # -- event-loop side ---------------------------------------------------------------------------
     def mark_dirty(self, prefixes: Iterable[Prefix]) -> None:
@@ -105,6 +120,39 @@ class RoutesStage(Stage):
     def facts_changed(self) -> None:
         self._facts_changed = True
 
+    def kernel_event(self, typ: int, flags: int, pid: int, body: bytes) -> bool:
+        """On the loop: one rtnetlink route or link notification. Queues what may concern our routes and
+        returns whether the stage should run for it. O(1): our writes' own echoes (our port id) and other
+        owners' routes at keys we neither want nor hold are dropped here."""
+        if pid and pid == self.portid:
+            return False
+        cfg = self.agent.cfg
+        if typ in (rtnl.RTM_NEWROUTE, rtnl.RTM_DELROUTE):
+            r = rtnl.decode_route(body)
+            if r is None or r.table != cfg.dataplane.route_table or r.tos:
+                return False
+            if r.proto != cfg.dataplane.route_protocol:
+                k, rec = (r.dst, r.metric), self.rec
+                if k not in rec.desired and k not in rec.dataplane and k not in rec.failures:
+                    return False
+            self._events.append(("route", typ, flags, r))
+            return True
+        if typ in (rtnl.RTM_NEWLINK, rtnl.RTM_DELLINK):
+            ln = rtnl.decode_link(body)
+            view = self.view
+            old = view.links.get(ln.index) if view is not None else None
+            if old is None:
+                # A device the last read did not see (a pod's veth coming or going): none of our routes can
+                # use it before a read that sees it; only the node's or the tunnel device re-created matters.
+                facts_dev = view.facts.device if view is not None and view.facts is not None else None
+                if ln.name not in (facts_dev, cfg.dataplane.tunnel_device):
+                    return False
+            elif typ == rtnl.RTM_NEWLINK and (old.name, old.up, old.mtu) == (ln.name, ln.up, ln.mtu):
+                return False  # nothing we keep changed (a carrier or statistics change)
+            self._events.append(("link", typ, flags, ln))
+            return True
+        return False
+
     def next_deadline(self, now: float) -> float | None:
         return self.agent.rib.next_deadline()  # a peer's graceful-restart window ends
 
@@ -113,8 +161,8 @@ class RoutesStage(Stage):
             self._dirty_all = True
         dirty = None if (self._dirty_all or inp.full) else frozenset(self._dirty)
         p = RoutesPrep(self.agent.cfg, tuple(self.agent.neighbors), self.agent.lifecycle.holding, dirty,
-                       self._facts_changed)
-        self._dirty, self._dirty_all, self._facts_changed = set(), False, False
+                       self._facts_changed, tuple(self._events))
+        self._dirty, self._dirty_all, self._facts_changed, self._events = set(), False, False, []
         return p
 
     def restore(self, inp: StageInput, p: RoutesPrep) -> None:
@@ -122,13 +170,14 @@ class RoutesStage(Stage):
             self._dirty_all = True
         else:
             self._dirty |= p.dirty
-        if p is None or p.facts_changed:
-            self._facts_changed = True
+        if p is None or p.facts_changed or p.events:
+            self._facts_changed = True  # events half applied by a failed run: the next run reads the kernel
 
     # -- worker side -------------------------------------------------------------------------------
     def _kernel(self, cfg: AgentConfig) -> RouteKernelLike:
         if self._k is None:
             self._k = self._kernel_factory(cfg)
+            self.portid = getattr(self._k, "portid", None)
         return self._k
 
     def close(self) -> None:
@@ -191,7 +240,11 @@ class RoutesStage(Stage):
                 self.state = RouteState(ImportFilter(cfg))
             self._cfg, dirty = cfg, None
         assert self.state is not None
-        if inp.full or self.view is None or p.facts_changed or self.view.facts is None:
+        read = inp.full or self.view is None or p.facts_changed or self.view.facts is None
+        if p.events and not read:
+            read = self._kernel_events(p.events, cfg, now)
+        if read:
+            self.reads += 1
             self.view = self._read(k, cfg)
             self.rec.set_dataplane(self.view.owned, self.view.foreign)
             dirty = None
@@ -240,6 +293,64 @@ class RoutesStage(Stage):
                 self.rec.update_desired(changes)
         return Computed(pods, inputs)
 
+    def _kernel_events(self, events: Iterable[tuple], cfg: AgentConfig, now: float) -> bool:
+        """Fold the kernel's events into the dataplane side, per key. Returns True when they change the
+        node's facts instead (the next step then reads the kernel: the dump is the truth)."""
+        view = self.view
+        assert view is not None and view.facts is not None
+        dp = cfg.dataplane
+        links, ifname, ifindex = dict(view.links), dict(view.ifname), dict(view.ifindex)
+        rec = self.rec
+        for kind, typ, flags, x in events:
+            if kind == "link":
+                ln: rtnl.Link = x
+                old = links.get(ln.index)
+                if ln.name == dp.tunnel_device:
+                    t = view.tunnel
+                    if typ == rtnl.RTM_DELLINK or t is None or t.index != ln.index or (t.up, t.mtu) != (ln.up, ln.mtu):
+                        return True  # the tunnel stage step keeps it up with its MTU: it needs the truth
+                    continue
+                if typ == rtnl.RTM_DELLINK or (old is None and ln.name in ifindex) or \
+                        (old is not None and old.name != ln.name) or \
+                        (ln.name == view.facts.device and dp.underlay_mtu is None and old is not None and
+                         old.mtu != ln.mtu):
+                    return True  # a device gone, re-created or renamed, the underlay MTU: facts
+                if old is not None and old.up and not ln.up:
+                    gone = rec.device_down(ln.name)
+                    if gone:
+                        self.repairs += len(gone)
+                        log.warning("%s went down: the kernel dropped %d of our route(s) through it (%s); written "
+                                    "again as soon as it takes them", ln.name, len(gone),
+                                    ", ".join(r.text() for r in gone[:3]) + (" ..." if len(gone) > 3 else ""))
+                elif ln.up and (old is None or not old.up):
+                    n = rec.device_up(ln.name, now)
+                    if n:
+                        log.info("%s is up: %d route(s) through it written now", ln.name, n)
+                links[ln.index], ifname[ln.index], ifindex[ln.name] = ln, ln.name, ln.index
+                continue
+            r: rtnl.KernelRoute = x
+            key, deleted = (r.dst, r.metric), typ == rtnl.RTM_DELROUTE
+            if r.proto == dp.route_protocol:
+                route = r.to_route(ifname)
+                if rec.kernel_route(route, deleted):
+                    self.repairs += 1
+                    what = "deleted" if deleted else f"changed to {route.text()}"
+                    log.warning("route %s%s %s outside the agent: %s", r.dst, f" metric {r.metric}" if r.metric else "",
+                                what, "repaired" if key in rec.desired else "removed (not wanted)")
+            else:
+                text = None if deleted else r.text(ifname)
+                replaced = bool(flags & nl.NLM_F_REPLACE)
+                if rec.kernel_foreign(key, text, replaced=replaced, now=now):
+                    if text is None:
+                        log.info("the other owner's route at %s is gone%s", r.dst,
+                                 ": ours is written now" if rec.is_pending(key) else "")
+                    else:
+                        self.repairs += 1
+                        log.error("route %s: another owner's route %s %s: reported, never written over",
+                                  r.dst, "replaced ours with" if replaced else "appeared next to ours:", text)
+        self.view = dataclasses.replace(view, links=links, ifname=ifname, ifindex=ifindex)
+        return False
+
     def _tunnel(self, k: RouteKernelLike, now: float, pods: list[Prefix]) -> None:
         """tunl0 up with the tunnel MTU and our tunnel address (when any enabled pool uses IPIP)."""
         assert self.state is not None and self.view is not None
@@ -273,7 +384,8 @@ class RoutesStage(Stage):
                 log.error("%s (retrying with backoff)", f.error)
 
     def _result(self, now: float, waiting: str | None = None) -> StageResult:
-        failures = {k: v["error"] for k, v in self.rec.problems().items()}
+        problems = self.rec.problems()
+        failures = {k: v["error"] for k, v in problems.items() if v["attempts"]}  # retried alone (not `shared`)
         for f in self.tunnel_failures.items.values():
             failures["tunnel"] = f.error
         deadlines = [d for d in (self.rec.next_deadline(), self.tunnel_failures.next_deadline()) if d is not None]
@@ -289,8 +401,9 @@ class RoutesStage(Stage):
         self._log_rejections(summary)
         status: dict[str, Any] = {
             "desired": desired, "owned": len(self.rec.dataplane), "pending": len(self.rec.pending()),
-            "conflicts": sum(1 for f in self.rec.failures.items.values() if f.conflict),
-            "problems": self.rec.problems(), "warnings": warnings,
+            "conflicts": sum(1 for v in problems.values() if v["conflict"]),
+            "reads": self.reads, "repairs": self.repairs,
+            "problems": problems, "warnings": warnings,
             "programmed": dict(self.rec.programmed),
             "rejected": summary, "rejectedAll": rej.full(by_peer),
             "errors": list(self.errors) + ([waiting] if waiting and self.view is not None

@@ -21,6 +21,10 @@ SCRIPT = textwrap.dedent('''
     from fabric.config import Pool, IPIPMode
     N, A = ip.IPv4Network, ip.IPv4Address
     k = RouteKernel(proto=80, table=254, tunnel_device="tunl0")
+    from ipip import netlink as nl, rtnl
+    import subprocess, time
+    mon = nl.open_monitor(0x40)  # IPv4 route events, without the echo of our own writes (a BPF filter)
+    nl.ignore_sender(mon, k.portid)
     view = k.read(A("10.0.1.11"))
     out = {"facts": [str(view.facts.network), view.facts.device, view.facts.mtu, str(view.kernel_prefix)],
            "underlay": sorted(str(r.dst) for r in view.facts.routes),
@@ -48,6 +52,10 @@ SCRIPT = textwrap.dedent('''
     errs = k.apply(ops.ops(), view.ifindex)
     rec.record(ops, [(e.op, e.route, e.errno) for e in errs], 0.0)
     out["errors"] = sorted(f"{e.op} {e.route.dst} {e.error}" for e in errs)
+    subprocess.run(["ip", "route", "add", "192.168.88.0/24", "via", "10.0.1.1", "proto", "static"], check=True)
+    time.sleep(0.2)
+    out["monitor"] = sorted({(typ, pid == k.portid, str(rtnl.decode_route(b).dst)) for typ, fl, pid, b in nl.drain(mon)
+                             if typ in (rtnl.RTM_NEWROUTE, rtnl.RTM_DELROUTE)})
     out["conflicts"] = sorted(f"{d} {m}" for (d, m), f in rec.failures.items.items() if f.conflict)
     view2 = k.read(A("10.0.1.11"))
     out["readback_equal"] = {str(d): view2.owned.get(r.id) is not None and view2.owned[r.id].key() == r.key()
@@ -98,6 +106,8 @@ def test_apply_readback_idempotent_and_owned_only(ns: str) -> None:
     assert out["errors"] == ["create 0.0.0.0/0 File exists", "create 10.0.1.0/24 File exists",
                              "create 192.168.77.0/24 File exists"]
     assert out["conflicts"] == ["0.0.0.0/0 0", "10.0.1.0/24 0", "192.168.77.0/24 0"]
+    # the monitor saw someone else's route, and none of the notifications of our own writes
+    assert out["monitor"] == [[24, False, "192.168.88.0/24"]], out["monitor"]
     assert out["readback_equal"] == {"10.244.1.0/24": True, "10.244.2.0/24": True, "10.244.3.0/24": True,
                                      "10.244.9.0/24": True}
     assert out["pending_after"] == ["0.0.0.0/0 0", "10.0.1.0/24 0", "192.168.77.0/24 0"]  # conflicts only

@@ -11,6 +11,8 @@ refused-route acceptance), with real traffic between pods throughout:
 - our own routes coming back: the node's service range sent back by the ToR, and a route whose AS_PATH
   holds our ASN (the ToR prepends it: RFC 4271 9.1.2 loop detection, which ExaBGP does not do): neither
   is installed, both are reported with their reason.
+- the kernel taking our routes: a link flap, `ip route del`, another owner's route replacing ours later
+  (kernel_takes_our_routes_and_we_notice).
 """
 
 from __future__ import annotations
@@ -74,7 +76,9 @@ def overrides(n: Node) -> dict:
         return {}
     return {"peers": [{"name": "tor", "address": "10.0.1.1", "asn": 65000,
                        "import": {"allow": ["0.0.0.0/0"], "allowDefaultRoute": True}}],
-            "advertise": {"serviceClusterIPs": ["10.96.0.0/24"]}}
+            "advertise": {"serviceClusterIPs": ["10.96.0.0/24"]},
+            # no periodic full resync during the test: repairs must come from the kernel's events
+            "timers": {"holdTime": 9, "gracefulRestartTime": 60, "resyncInterval": 3600}}
 
 
 def node_routes(lab: MeshLab, n: Node) -> set[str]:
@@ -92,6 +96,51 @@ def agent_pid(lab: MeshLab, n: Node) -> int:
     """The agent process itself (`ip netns exec` execs it, so it is the Popen's pid)."""
     assert n.proc is not None
     return n.proc.pid
+
+
+def reads(lab: MeshLab, n: Node) -> int:
+    return lab.status(n)["stages"]["routes"]["reads"]
+
+
+def kernel_takes_our_routes_and_we_notice(lab: MeshLab, a1: Node, a2: Node) -> None:
+    """The kernel (or someone) removing our routes is noticed from rtnetlink events and repaired per key at
+    once — no kernel read, no full resync (none is due: timers.resyncInterval is an hour here):
+    - eth1 down for 3 s, then up: the kernel drops every route through eth1 without an RTM_DELROUTE; the
+      link event says which; they are written again as soon as eth1 is up, and pod traffic resumes;
+    - `ip route del` of one of ours: back at once;
+    - another owner's route replacing ours later: reported as a conflict, never written over (its key on
+      backoff, no loop); when it goes, ours is back at once."""
+    pod_route = f"{a2.pod_cidr} via 10.0.1.12 dev eth1 proto 80"
+    tor_route = "10.0.9.0/24 via 10.0.1.1 dev eth1 proto 80 metric 4096"
+    wait_for(lambda: pod_route in lab.routes(a1) and tor_route in lab.routes(a1), 10, "a1 converged")
+    before = reads(lab, a1)
+    sh(f"ip -n {a1.ns} link set eth1 down")
+    time.sleep(0.5)
+    assert pod_route not in lab.routes(a1) and tor_route not in lab.routes(a1)  # the kernel took them
+    time.sleep(2.5)  # past the first backoff steps of the refused writes (1, 2 s)
+    sh(f"ip -n {a1.ns} link set eth1 up")
+    t_up = time.monotonic()
+    took = wait_for(lambda: pod_route in lab.routes(a1) and tor_route in lab.routes(a1), 2.0,
+                    "our routes through eth1 back once it is up", step=0.05)
+    print(f"routes back {took:.2f}s after eth1 came up")
+    sh(f"ip -n {a1.ns} route replace default via 10.0.1.1")  # the node's own default (networkd's job)
+    assert lab.ping(a1, a2, count=3), "pod traffic across the flap"
+    # someone deletes one of ours
+    sh(f"ip -n {a1.ns} route del {a2.pod_cidr} proto 80")
+    wait_for(lambda: pod_route in lab.routes(a1), 2.0, "our deleted route back", step=0.05)
+    # another owner's route replaces ours, later
+    sh(f"ip -n {a1.ns} route replace {a2.pod_cidr} via 10.0.1.1 proto static")
+    wait_for(lambda: lab.status(a1)["stages"]["routes"]["problems"].get(a2.pod_cidr, {}).get("conflict"), 5,
+             "the conflict in the status")
+    time.sleep(4)
+    p = lab.status(a1)["stages"]["routes"]["problems"][a2.pod_cidr]
+    assert "another owner's route" in p["error"] and p["attempts"] <= 3, p  # backoff 1, 2 s: no loop
+    assert f"{a2.pod_cidr} via 10.0.1.1 dev eth1 proto static" in sh(f"ip -n {a1.ns} route show").stdout
+    sh(f"ip -n {a1.ns} route del {a2.pod_cidr} proto static")
+    wait_for(lambda: pod_route in lab.routes(a1), 2.0, "ours back once the other route is gone", step=0.05)
+    assert lab.ping(a1, a2, count=2)
+    assert reads(lab, a1) == before, "a full kernel read (resync) instead of per-key repair"
+    assert lab.status(a1)["stages"]["routes"]["repairs"] >= 4
 
 
 def test_tor_cannot_take_over_the_nodes_routing_and_next_hops_are_checked() -> None:
@@ -172,6 +221,7 @@ def test_tor_cannot_take_over_the_nodes_routing_and_next_hops_are_checked() -> N
         assert sent > 200 and sent == received, f"{sent - received} of {sent} lost between pods\n{lab.log_tail(a1)}"
         rib = json.loads(lab_frr.show_json(lab.router, "show bgp ipv4 unicast json"))["routes"]
         assert a1.pod_cidr in rib  # and the ToR has the node's pod CIDR
+        kernel_takes_our_routes_and_we_notice(lab, a1, a2)
     finally:
         procs.stop_all()
         lab.close()

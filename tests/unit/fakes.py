@@ -14,7 +14,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+import struct
+
 from ipip.kernel import KernelView, OpError, TunnelState
+from ipip.netlink import nla, nla_u32
+from ipip.rtnl import IFF_UP, IFLA_IFNAME, IFLA_MTU, Link, encode_route
 from ipip.model import NodeFacts, Route, RouteKey, UnderlayRoute
 
 A = ipaddress.IPv4Address
@@ -37,12 +41,29 @@ class FakeKernel:
     reads: int = 0
     writes: int = 0
     closed: bool = False
+    down: set[str] = field(default_factory=set)  # devices down: writes through them are refused
+    portid: int = 4242  # our route socket's port id: the notifications of our writes carry it
 
     def add_foreign(self, route: Route, proto: int = 2) -> None:
         self.routes[route.id] = (route, proto)
 
     def ours(self) -> dict[RouteKey, Route]:
         return {k: r for k, (r, p) in self.routes.items() if p == PROTO}
+
+    IFINDEX = {"lo": 1, "eth1": 2, "tunl0": 3}
+
+    def set_down(self, device: str) -> bytes:
+        """`ip link set DEVICE down`: as the kernel, every route through it goes without a notification;
+        returns the RTM_NEWLINK body the monitor would read."""
+        self.down.add(device)
+        for k, (r, _) in list(self.routes.items()):
+            if r.nexthops and all(h.device == device for h in r.nexthops):
+                del self.routes[k]
+        return link_body(device, self.IFINDEX[device], up=False)
+
+    def set_up(self, device: str) -> bytes:
+        self.down.discard(device)
+        return link_body(device, self.IFINDEX[device], up=True)
 
     def _block(self) -> None:
         while self.hang is not None and self.hang.is_set():
@@ -56,16 +77,17 @@ class FakeKernel:
             raise TimeoutError(errno.ETIMEDOUT, "route dump: no answer from the kernel within 5 s")
         owned = self.ours()
         foreign = {k: f"{k[0]} proto {p}" for k, (r, p) in self.routes.items() if p != PROTO}
-        ifindex = {"lo": 1, "eth1": 2, "tunl0": 3}
+        ifindex = dict(self.IFINDEX)
         ifname = {v: k for k, v in ifindex.items()}
+        links = {i: Link(i, n, 1480 if n == "tunl0" else 1500, n not in self.down, None) for n, i in ifindex.items()}
         if not self.has_address:
             return KernelView(None, f"no interface holds the node address {node_ip}", None, owned, foreign, ifindex,
-                              ifname, self.tunnel)
+                              ifname, self.tunnel, links=links)
         underlay = tuple(UnderlayRoute(r.dst, r.nexthops[0].gateway if r.nexthops else None, "eth1")
                          for k, (r, p) in self.routes.items() if p != PROTO and r.kind == "unicast")
         facts = NodeFacts(node_ip, self.network, "eth1", underlay_mtu or 1500, underlay)
         return KernelView(facts, None, ipaddress.IPv4Interface(f"{node_ip}/{self.network.prefixlen}"), owned, foreign,
-                          ifindex, ifname, self.tunnel)
+                          ifindex, ifname, self.tunnel, links=links)
 
     def apply(self, ops: Any, ifindex: dict[str, int]) -> list[OpError]:
         self._block()
@@ -74,6 +96,9 @@ class FakeKernel:
             self.writes += 1
             if op != "delete":
                 self.attempts[r.dst] = self.attempts.get(r.dst, 0) + 1
+                if any(h.device in self.down for h in r.nexthops):
+                    errors.append(OpError(op, r, errno.ENETDOWN))
+                    continue
                 if r.dst in self.refuse:
                     errors.append(OpError(op, r, self.refuse[r.dst]))
                     continue
@@ -107,6 +132,17 @@ class FakeKernel:
 
     def close(self) -> None:
         self.closed = True
+
+
+def link_body(name: str, index: int, *, up: bool, mtu: int = 1500) -> bytes:
+    """An RTM_NEWLINK body (ifinfomsg + name + mtu), as the monitor reads it."""
+    return struct.pack("=BxHiII", 0, 1, index, IFF_UP if up else 0, 0xFFFFFFFF) + nla(IFLA_IFNAME, name.encode() + b"\0") \
+        + nla_u32(IFLA_MTU, mtu)
+
+
+def route_body(route: Route, proto: int = PROTO) -> bytes:
+    """An RTM_NEWROUTE / RTM_DELROUTE body for `route` (the kernel's notification carries the whole route)."""
+    return encode_route(route, op="create", seq=1, proto=proto, table=254, ifindex=FakeKernel.IFINDEX)[16:]
 
 
 class FakeSpeaker:

@@ -163,3 +163,29 @@ def test_converges_within_a_few_applies_under_every_failure(before: set, after: 
         assert rec.failures.items[(victim, 0)].conflict
     if scenario == "foreign-appears":
         assert k.routes[(victim, 0)][1] == 2  # never replaced, never deleted
+
+
+def test_device_down_drops_only_routes_wholly_through_it_and_the_index_follows_every_write() -> None:
+    """The kernel drops a route when its device goes down only if every next hop went through it (a
+    multipath route keeps its other hops): device_down mirrors that, from an index kept per write."""
+    k = FakeKernel()
+    rec = RouteReconciler()
+    rec.set_dataplane(k.ours(), {})
+    ecmp = Route(N("10.244.5.0/24"), nexthops=(NextHop(A("10.0.1.12"), "eth1"),
+                                               NextHop(A("10.0.2.21"), "tunl0", True)))
+    tun = Route(N("10.244.6.0/24"), nexthops=(NextHop(A("10.0.2.21"), "tunl0", True),))
+    rec.set_desired({x.id: x for x in [r("10.244.2.0/24"), ecmp, tun]})
+    step(rec, k, 0)
+    k.set_down("eth1")  # the kernel drops 10.244.2.0/24 (the ECMP route keeps its tunnel hop)
+    assert [x.dst for x in rec.device_down("eth1")] == [N("10.244.2.0/24")]
+    assert rec.pending() == {(N("10.244.2.0/24"), 0)}
+    k.set_up("eth1")
+    step(rec, k, 1)  # written again
+    assert not rec.pending()
+    rec.update_desired({tun.id: r("10.244.6.0/24")})  # now through eth1: the index moves with the write
+    step(rec, k, 2)
+    assert sorted(str(x.dst) for x in rec.device_down("eth1")) == ["10.244.2.0/24", "10.244.6.0/24"]
+    assert rec.device_down("tunl0") == []  # the ECMP route still has its eth1 hop
+    # a dump rebuilds the index
+    rec.set_dataplane(k.ours(), {})
+    assert sorted(str(x.dst) for x in rec.device_down("eth1")) == ["10.244.2.0/24", "10.244.6.0/24"]

@@ -297,3 +297,107 @@ def test_status_learned_carries_as_paths_for_fabric_plan(tmp_path) -> None:
     learned, _ = _learned_from_status(tmp_path)
     assert learned == {N("10.0.4.0/24"): {("tor", A("10.0.1.1")): PathAttributes(as_path=(65000, (64512, 65001), 64512))},
                        N("10.244.2.0/24"): {("a2", A("10.0.1.12")): PathAttributes()}}
+
+
+# -- the kernel's own events: repaired per key, no kernel read ------------------------------------------
+
+def _converged(k: FakeKernel) -> tuple[RoutesStage, Shim]:
+    stage, shim = make(k)
+    learn(shim, stage, "a2", "10.0.1.12", "10.244.2.0/24")
+    learn(shim, stage, "b1", "10.0.2.21", "10.244.3.0/24")
+    run(stage, 0)
+    assert set(ours(k)) == {"10.244.1.0/24", "10.244.2.0/24", "10.244.3.0/24"}
+    return stage, shim
+
+
+A2 = Route(N("10.244.2.0/24"), nexthops=(NextHop(A("10.0.1.12"), "eth1"),))
+
+
+def test_device_down_and_up_repairs_the_routes_through_it_without_a_read() -> None:
+    """`ip link set eth1 down` drops our routes through eth1 with no RTM_DELROUTE; the link event alone
+    says which: they are pending at once, refused while the device is down (retried on the key's backoff),
+    and written the moment it is up again, not at the backoff time; the kernel is never read again."""
+    from ipip import rtnl
+
+    k = FakeKernel()
+    stage, _ = _converged(k)
+    reads = k.reads
+    assert stage.kernel_event(rtnl.RTM_NEWLINK, 0, 0, k.set_down("eth1"))
+    assert set(ours(k)) == {"10.244.1.0/24", "10.244.3.0/24"}  # the kernel dropped it, silently
+    res = run(stage, 10)
+    assert res.status["problems"]["10.244.2.0/24"]["attempts"] == 1  # refused while down (ENETDOWN)
+    assert res.status["repairs"] == 1 and res.next_deadline == 11.0
+    assert stage.kernel_event(rtnl.RTM_NEWLINK, 0, 0, k.set_up("eth1"))
+    res = run(stage, 10.2)  # before the key's retry time: the device coming up is the reason to write now
+    assert ours(k)["10.244.2.0/24"] == "10.244.2.0/24 via 10.0.1.12 dev eth1"
+    assert res.failures == {} and res.next_deadline is None
+    assert k.reads == reads and res.status["reads"] == 1  # no read, no full resync: per key
+    # an unchanged link (a carrier flap, statistics) or an unknown one (a pod's veth) wakes nothing
+    from tests.unit.fakes import link_body
+    assert not stage.kernel_event(rtnl.RTM_NEWLINK, 0, 0, link_body("eth1", 2, up=True))
+    assert not stage.kernel_event(rtnl.RTM_NEWLINK, 0, 0, link_body("cali7", 77, up=True))
+    # the node device renamed or re-created, the tunnel changed: facts, the kernel is read again
+    assert stage.kernel_event(rtnl.RTM_DELLINK, 0, 0, link_body("eth1", 2, up=False))
+    run(stage, 11)
+    assert k.reads == reads + 1
+
+
+def test_our_route_deleted_or_changed_by_someone_else_is_repaired_at_once() -> None:
+    from ipip import rtnl
+    from tests.unit.fakes import route_body
+
+    k = FakeKernel()
+    stage, _ = _converged(k)
+    reads = k.reads
+    del k.routes[A2.id]  # `ip route del 10.244.2.0/24 proto 80`
+    assert stage.kernel_event(rtnl.RTM_DELROUTE, 0, 999, route_body(A2))
+    run(stage, 5)
+    assert ours(k)["10.244.2.0/24"] == "10.244.2.0/24 via 10.0.1.12 dev eth1"
+    odd = Route(A2.dst, nexthops=(NextHop(A("10.0.1.99"), "eth1"),))
+    k.routes[A2.id] = (odd, 80)  # `ip route replace ... proto 80`: our key, a route we don't want
+    assert stage.kernel_event(rtnl.RTM_NEWROUTE, 0x100, 999, route_body(odd))
+    res = run(stage, 6)
+    assert ours(k)["10.244.2.0/24"] == "10.244.2.0/24 via 10.0.1.12 dev eth1" and k.reads == reads
+    assert res.status["repairs"] == 2
+    # the echo of our own writes (our port id) and other owners' routes elsewhere are not news
+    assert not stage.kernel_event(rtnl.RTM_NEWROUTE, 0x600, k.portid, route_body(A2))
+    other = Route(N("192.168.7.0/24"), nexthops=(NextHop(A("10.0.1.1"), "eth1"),))
+    assert not stage.kernel_event(rtnl.RTM_NEWROUTE, 0x600, 999, route_body(other, proto=4))
+
+
+def test_a_foreign_route_appearing_at_our_key_later_is_reported_and_not_fought() -> None:
+    """Someone's `ip route replace` puts their route where ours was: reported as a conflict, never written
+    over (a create with NLM_F_EXCL, on the key's backoff: no loop); once it goes, ours is back at once. A
+    route appended next to ours is reported too, and both are left alone."""
+    from ipip import netlink as nl
+    from ipip import rtnl
+    from tests.unit.fakes import route_body
+
+    k = FakeKernel()
+    stage, _ = _converged(k)
+    reads = k.reads
+    theirs = Route(A2.dst, nexthops=(NextHop(A("10.0.1.1"), "eth1"),))
+    k.routes[A2.id] = (theirs, 4)  # replaced ours (proto static)
+    assert stage.kernel_event(rtnl.RTM_NEWROUTE, nl.NLM_F_REPLACE, 999, route_body(theirs, proto=4))
+    res = run(stage, 10)
+    p = res.status["problems"]["10.244.2.0/24"]
+    assert p["conflict"] and "another owner's route" in p["error"], p
+    assert k.routes[A2.id] == (theirs, 4)  # theirs, untouched
+    tries = k.attempts[A2.dst]
+    for t in (10.5, 11.5, 12.0, 13.9, 14.5, 17.0):  # backoff 1, 2, 4 s: at most one try per step
+        run(stage, t)
+    assert k.attempts[A2.dst] - tries <= 3 and k.routes[A2.id] == (theirs, 4)
+    del k.routes[A2.id]  # they remove it
+    assert stage.kernel_event(rtnl.RTM_DELROUTE, 0, 999, route_body(theirs, proto=4))
+    res = run(stage, 17.1)  # not at the next backoff step: now
+    assert ours(k)["10.244.2.0/24"] == "10.244.2.0/24 via 10.0.1.12 dev eth1" and res.failures == {}
+    # appended next to ours (`ip route append`): reported, both left
+    k2 = Route(A2.dst, nexthops=(NextHop(A("10.0.1.7"), "eth1"),))
+    assert stage.kernel_event(rtnl.RTM_NEWROUTE, 0xC00, 999, route_body(k2, proto=3))
+    res = run(stage, 18)
+    p = res.status["problems"]["10.244.2.0/24"]
+    assert p["conflict"] and "next to ours" in p["error"] and p["attempts"] == 0, p
+    assert res.failures == {} and res.status["conflicts"] == 1
+    assert stage.kernel_event(rtnl.RTM_DELROUTE, 0, 999, route_body(k2, proto=3))
+    res = run(stage, 19)
+    assert res.status["problems"] == {} and k.reads == reads
