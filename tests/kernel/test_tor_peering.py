@@ -66,8 +66,8 @@ def test_route_reflector_keeps_next_hops_and_import_filter_applies() -> None:
         # import filter on the ToR session: 10.0.9.0/24 allowed, 10.99.0.0/24 rejected and reported
         wait_for(lambda: "10.0.9.0/24 via 10.0.1.1 dev eth1" in lab.routes(a1), 20, "the allowed ToR prefix")
         assert "10.99.0.0/24" not in lab.routes(a1)
-        assert any("10.99.0.0/24" in w and "not inside an allowed prefix" in w
-                   for w in lab.status(a1)["warnings"]), lab.status(a1)["warnings"]
+        wait_for(lambda: any("10.99.0.0/24" in w and "not inside an allowed prefix" in w  # status: <= 1 s behind
+                             for w in lab.status(a1).get("warnings", [])), 5, "the rejection in the status")
         # the RR sees every node's pod CIDR (FRR's JSON)
         rib = json.loads(lab_frr.show_json(lab.router, "show bgp ipv4 unicast json"))["routes"]
         assert {"10.244.1.0/24", "10.244.2.0/24", "10.244.3.0/24"} <= set(rib)
