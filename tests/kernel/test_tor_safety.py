@@ -184,8 +184,14 @@ def test_tor_cannot_take_over_the_nodes_routing_and_next_hops_are_checked() -> N
             assert "10.0.4.0/24" not in routes and "10.96.0.0/24" not in routes, routes
             assert node_routes(lab, a1) == own, "the node's own routes changed"
             # the status file follows the stages within a second
-            wait_for(lambda: "inside the node's own subnet" in "\n".join(lab.status(a1).get("warnings", [])), 10,
-                     "the status to report the refused node subnet")
+            def reported() -> bool:
+                st = lab.status(a1)
+                text = "\n".join(st.get("warnings", []))
+                codes = {c for _, c, _ in st.get("stages", {}).get("routes", {}).get("rejectedAll", {}).get("tor", [])}
+                return ("inside the node's own subnet" in text and "10.0.8.0/24 from tor: next hop" in text
+                        and {"as-path-loop", "own-prefix"} <= codes)
+
+            wait_for(reported, 10, "the status to report every refusal (the routes stage's run follows the RIB)")
             st = lab.status(a1)
             warnings = "\n".join(st["warnings"])
             assert "10.0.1.0/24" in warnings and "inside the node's own subnet" in warnings, warnings
