@@ -304,8 +304,8 @@ def test_a_route_reflector_node_reflects_and_withdraws_per_change(tmp_path: Path
         assert a.next_hop == A("10.0.1.12") and a.neighbors == frozenset({"b1"})
         assert a.path == PathAttributes(local_pref=100, originator_id=A("10.0.1.12"), cluster_list=(A("10.0.0.100"),))
         assert h.speaker.announced[N("10.244.1.0/24")].path is None  # our own, not a reflection
-        assert "10.244.2.0/24" in h.ours()  # and the reflector routes to it itself
-        assert agent.runner.status()["bgp"]["reflector"]["reflected"] == 1
+        await until("routed", lambda: "10.244.2.0/24" in h.ours())  # the reflector routes to it itself (routes stage)
+        await until("status", lambda: (agent.runner.status()["bgp"].get("reflector") or {}).get("reflected") == 1)
         agent._on_bgp_event(RoutesWithdrawn("a2", (N("10.244.2.0/24"),)))
         await until("withdrawn", lambda: N("10.244.2.0/24") not in h.speaker.announced)
 
