@@ -28,7 +28,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from bgp.notification import CAUSES, down_cause
+from bgp.notification import CAUSES, connect_cause, down_cause
 from fabric.stage import Gauge
 
 disable_created_metrics()  # no *_created series: the process start time says as much, at half the samples
@@ -73,8 +73,6 @@ def _version() -> str:
 
 def peer_cause(info: dict[str, Any], expected_asn: int | None) -> Any:
     """The down cause of one session (bgp.notification.Cause) from the speaker's status of it."""
-    from bgp.notification import connect_cause
-
     ce = info.get("connect_error")
     return down_cause(info.get("last_error"), open_asn=info.get("open_asn"), expected_asn=expected_asn,
                       connect=connect_cause(*ce) if ce else None)
