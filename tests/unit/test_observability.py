@@ -395,3 +395,22 @@ def test_a_password_from_a_secret_reaches_no_log_status_metrics_or_explain(
     for where, t in everything.items():
         assert secret_pw not in t and PASSWORD not in t, where
     assert '"rr"' in out["status"]
+
+
+def test_every_rejection_code_in_the_code_is_a_known_metric_label() -> None:
+    """Reason codes label bgp_fabric_bgp_prefixes_rejected: a new one must be in REASON_CODES (and so in
+    docs/operations.md), never an unbounded or unlisted value."""
+    import ast
+
+    from bgp.policy import REASON_CODES
+
+    used = set()
+    for pkg in ("bgp", "fabric"):
+        for f in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Reason"
+                        and node.args and isinstance(node.args[0], ast.Constant)):
+                    used.add(node.args[0].value)
+    assert used and used <= set(REASON_CODES), used - set(REASON_CODES)
+    ops = (ROOT / "docs" / "operations.md").read_text()
+    assert [c for c in REASON_CODES if f"`{c}`" not in ops] == []
