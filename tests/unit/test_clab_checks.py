@@ -126,3 +126,22 @@ def test_report_tables_and_verdict() -> None:
     assert text.rstrip().endswith("verdict: FAIL (1/2 checks passed)")
     assert report.verdict([ok]) and not report.verdict([ok, bad]) and not report.verdict([])
     assert not report.verdict([ok], build_error="exec failed")
+
+
+def test_route_reflector_lab_and_checks_load() -> None:
+    """labs/route-reflectors: 2 reflectors + 6 clients + a tor; its checks file parses (the lab itself runs in
+    tests/kernel/test_rr_agents.py)."""
+    t = clab.load(REPO / "labs" / "route-reflectors.clab.yml")
+    agents = {n.name for n in t.nodes if n.image.startswith("bgp-fabric")}
+    assert agents == {"rr-a", "rr-b", *(f"node-{r}{i}" for r in "ab" for i in (1, 2, 3))}
+    assert t.node("tor").image.startswith("quay.io/frrouting/frr")  # type: ignore[union-attr]
+    c, _ = checks.load_for(t)
+    assert c.sessions is not None and c.sessions.min == 42
+    assert len(c.pings) == 8 * 7 + 2
+    assert [(f.kill.node, f.kill.restart_after, f.probe.rate, f.max_loss) for f in c.faults if f.kill] == [
+        ("rr-a", 8.0, 200, 0)]
+    for a in agents:  # mesh off everywhere; the reflectors by their Node label
+        cfg = yaml.safe_load((REPO / "labs" / "route-reflectors" / f"{a}.yaml").read_text())
+        assert cfg["cluster"]["mesh"] is False
+    cluster = yaml.safe_load((REPO / "labs" / "route-reflectors" / "cluster.yaml").read_text())
+    assert {n["name"] for n in cluster["nodes"] if n.get("labels")} == {"rr-a", "rr-b"}
