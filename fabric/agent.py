@@ -119,6 +119,7 @@ class Agent:
         self._monitor_filtered = False
         self._status_at = 0.0
         self._status_handle: asyncio.TimerHandle | None = None
+        self._bad_objects: dict[str, dict[tuple[str, str], str]] = {}  # per stage, as last reported
         self._stall_handle: asyncio.TimerHandle | None = None
         self._hold_timer: asyncio.TimerHandle | None = None
         self._last_phase: Phase | None = None
@@ -378,6 +379,7 @@ class Agent:
             self._schedule_status()
 
     def _on_result(self, stage: Any, res: Any) -> None:
+        self._report_bad_objects(stage.name, getattr(res, "bad_objects", None) or {})
         rs = self.routes_stage
         if stage is rs and rs is not None and rs.adopted is not None:
             self.lifecycle.adopt(len(rs.adopted))
@@ -389,6 +391,18 @@ class Agent:
             self.runner.wake("cni")  # the pod MTU follows the underlay's
         self._update_lifecycle()
         self._schedule_status()
+
+    def _report_bad_objects(self, stage: str, bad: dict[tuple[str, str], str]) -> None:
+        """A Warning Event for each object a stage newly skipped (or skipped for a new reason), where the
+        source can record one (Kubernetes); the source sends it off the loop."""
+        report = getattr(self.source, "report_stored", None)
+        before = self._bad_objects.get(stage, {})
+        self._bad_objects[stage] = dict(bad)
+        if report is None:
+            return
+        for (kind, key), why in bad.items():
+            if before.get((kind, key)) != why:
+                report(kind, key, why)
 
     def _facts_missing(self) -> str | None:
         rs = self.routes_stage
@@ -562,6 +576,10 @@ class _ThreadSourceAdapter:
     @property
     def problems(self) -> list[str]:
         return list(getattr(self.src, "problems", []) or [])
+
+    def report_stored(self, kind: str, key: str, message: str) -> None:
+        if hasattr(self.src, "report_stored"):
+            self.src.report_stored(kind, key, message)
 
     def state(self) -> dict[str, Any]:
         return self.src.state() if hasattr(self.src, "state") else {}

@@ -58,6 +58,9 @@ class StageResult:
     next_deadline: float | None = None  # when the stage wants to run again (a key's retry, a timer)
     status: dict[str, Any] = field(default_factory=dict)  # shown under `stages.<name>` in status.json
     metrics: list[Gauge] = field(default_factory=list)  # this stage's own gauges, as of this run
+    # objects skipped for bad input, (kind, Store key) -> why: each reported once as a Warning Event on the
+    # object (Kubernetes source), as Felix and kube-proxy leave the operator an Event, not just a log line
+    bad_objects: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 class Stage:

@@ -60,6 +60,11 @@ class PolicySync:
         st = self.state
         return set({"Pod": st.pods, "Namespace": st.namespaces, "NetworkPolicy": st.policies}[kind])
 
+    def bad_policies(self) -> dict[str, str]:
+        """NetworkPolicy key -> why it was skipped (or its last good version kept)."""
+        with self._lock:
+            return dict(self.problems)
+
     def problem_lines(self) -> list[str]:
         with self._lock:
             return sorted(self.problems.values())

@@ -47,6 +47,7 @@ from fabric.config import KubernetesSource as KubernetesSourceConfig
 from fabric.crds import KINDS as CRD_KINDS
 from fabric.crds import CrdConfig, Problem
 from fabric.logs import register_secret
+from fabric.sources.events import EventSender
 from fabric.sources.k8s_convert import KIND_INFO, SkipObject, convert, key_of
 from fabric.sources.k8s_watch import Backoff, Reflector
 from fabric.tracker import KINDS, Store
@@ -105,6 +106,11 @@ def event_namespace(obj: dict[str, Any]) -> str:
     return (obj.get("metadata") or {}).get("namespace") or CLUSTER_EVENTS_NAMESPACE
 
 
+def _typed(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
+    """A listed item has no kind/apiVersion (the list has): an Event's involvedObject needs them."""
+    return {**obj, "kind": kind, "apiVersion": KIND_INFO[kind].api_version}
+
+
 class KubernetesSource:
     """Feeds `store` from the API server. `start()` returns at once; `synced()` says every kind was listed."""
 
@@ -124,6 +130,7 @@ class KubernetesSource:
         self._skipped: dict[tuple[str, str], str] = {}  # objects not recorded, and why
         self._crd_problems: list[str] = []
         self._crds = CrdConfig()
+        self.events = EventSender(self.report_problem)  # Events off the reflector threads and the event loop
         self.on_change: Callable[[], None] | None = None  # problems or reachability changed (any thread)
         core = k8s.CoreV1Api(self.api_client)
         custom = k8s.CustomObjectsApi(self.api_client)
@@ -150,6 +157,7 @@ class KubernetesSource:
     def start(self) -> None:
         if self._threads:
             return
+        self.events.start()
         for kind, r in self.reflectors.items():
             t = threading.Thread(target=r.run, name=f"k8s-{kind}", daemon=True)
             t.start()
@@ -165,6 +173,7 @@ class KubernetesSource:
         for r in self.reflectors.values():
             r.abort()
         deadline = time.monotonic() + timeout
+        self.events.stop(0)
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
         alive = [t.name for t in self._threads if t.is_alive()]
@@ -205,6 +214,7 @@ class KubernetesSource:
                     except SkipObject:
                         continue
                     skipped[(kind, key)] = str(e)
+                    self.events.submit(_typed(kind, obj), str(e))
                     value = self.store.last_good(kind, key)  # this run's last good version, or the previous run's
                     if value is None:
                         continue
@@ -231,7 +241,8 @@ class KubernetesSource:
                     try:
                         self._skipped[(kind, key_of(kind, obj))] = str(e)
                     except SkipObject:
-                        pass
+                        return  # no name: nothing an Event could point at
+                self.events.submit(_typed(kind, obj), str(e))
                 return
             with self._lock:
                 self._skipped.pop((kind, key), None)
@@ -299,6 +310,18 @@ class KubernetesSource:
             register_secret(str(body["stringData"][key]))
             return str(body["stringData"][key])
         raise SecretError(f"{where}: no such key")
+
+    def report_stored(self, kind: str, key: str, message: str) -> None:
+        """A Store object a stage skipped for bad input (a Service the proxy can't program, a NetworkPolicy
+        that doesn't parse): a Warning Event about it, sent off the caller's thread, once per message."""
+        value = self.store.get(kind, key)
+        md = value.get("metadata") if isinstance(value, dict) else None
+        md = md if isinstance(md, dict) else {}
+        ns, _, name = key.rpartition("/")
+        meta = {"name": md.get("name") or name, **({"namespace": md.get("namespace") or ns} if ns else {}),
+                **({"uid": md["uid"]} if isinstance(md.get("uid"), str) else {})}
+        info = KIND_INFO.get(kind)
+        self.events.submit({"apiVersion": info.api_version if info else "v1", "kind": kind, "metadata": meta}, message)
 
     def report_problem(self, obj: dict[str, Any], message: str) -> bool:
         """Record a Warning Event about `obj` (once per object and message). Returns True if one was created."""

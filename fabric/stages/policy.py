@@ -31,8 +31,12 @@ class PolicyStage(Stage):
         try:
             self.sync.run(self.agent.store, inp.changes, inp.full)
         except (NftError, NetlinkError, OSError) as e:
-            return StageResult(error=f"policy table not updated: {e}", status=self.sync.status())
-        return StageResult(status=self.sync.status())
+            return StageResult(error=f"policy table not updated: {e}", status=self.sync.status(),
+                               bad_objects=self._bad())
+        return StageResult(status=self.sync.status(), bad_objects=self._bad())
+
+    def _bad(self) -> dict[tuple[str, str], str]:
+        return {("NetworkPolicy", k): v for k, v in self.sync.bad_policies().items()}
 
     def close(self) -> None:
         self.sync.close()

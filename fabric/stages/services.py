@@ -39,7 +39,12 @@ class ServicesStage(Stage):
         if getattr(self.sync, "warnings", None):
             status.setdefault("warnings", list(self.sync.warnings))
         metrics = self.sync.metrics(status) if hasattr(self.sync, "metrics") else []
-        return StageResult(failures=failures, next_deadline=deadline, status=status, metrics=metrics)
+        bad = {("Service", k): v for k, v in self.sync.skipped().items()} if hasattr(self.sync, "skipped") else {}
+        proxy = getattr(self.sync, "proxy", None)
+        if proxy is not None and hasattr(proxy, "slice_errors"):
+            bad.update({("EndpointSlice", k): v for k, v in proxy.slice_errors().items()})
+        return StageResult(failures=failures, next_deadline=deadline, status=status, metrics=metrics,
+                           bad_objects=bad)
 
     def close(self) -> None:
         if self.sync is not None and hasattr(self.sync, "close"):

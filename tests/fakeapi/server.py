@@ -128,6 +128,7 @@ class FakeApiServer:
         self._watchers: dict[str, int] = {k: 0 for k in RESOURCES}
         self.secrets: dict[tuple[str, str], dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
+        self.hang_events = threading.Event()  # set: an Event POST gets no answer until it is cleared
         self.requests: list[dict[str, Any]] = []
         self._conns: set[socket.socket] = set()
         self.host = host
@@ -334,6 +335,8 @@ class FakeApiServer:
                 return self._send(h, 404, _status(404, "NotFound", f'secrets "{seg[5]}" not found'))
             return self._send(h, 200, secret)
         if len(seg) == 5 and seg[:3] == ["api", "v1", "namespaces"] and seg[4] == "events" and method == "POST":
+            while self.hang_events.is_set() and not self._stopping:
+                time.sleep(0.01)
             ev = dict(body or {})
             ev.setdefault("metadata", {})["namespace"] = seg[3]
             # As the API server validates Events: the involved object's namespace must be the Event's,

@@ -66,9 +66,7 @@ def test_everything_is_in_the_agents_namespace() -> None:
     assert find("Namespace")["metadata"]["name"] == "bgp-fabric"
     for where, d in DOCS:
         if d["kind"] in ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "DaemonSet", "Secret"):
-            # Events about cluster-scoped objects can only be created in `default` (see rbac.yaml).
-            expected = "default" if d["metadata"]["name"] == "bgp-fabric-events" else "bgp-fabric"
-            assert d["metadata"]["namespace"] == expected, where
+            assert d["metadata"]["namespace"] == "bgp-fabric", where
 
 
 def test_cluster_role_reads_only_what_the_source_watches() -> None:
@@ -86,7 +84,7 @@ def test_cluster_role_reads_only_what_the_source_watches() -> None:
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "bgp-fabric", "namespace": "bgp-fabric"}]
 
 
-def test_secrets_only_by_name_and_events_only_in_the_namespace() -> None:
+def test_secrets_only_by_name_and_events_only_created() -> None:
     (secret_rule,) = find("Role", "bgp-fabric-peer-secrets")["rules"]
     assert secret_rule["resources"] == ["secrets"] and secret_rule["verbs"] == ["get"]
     names = set(secret_rule["resourceNames"])
@@ -98,16 +96,17 @@ def test_secrets_only_by_name_and_events_only_in_the_namespace() -> None:
     for name, key in refs:
         secret = find("Secret", name)
         assert key in (secret.get("stringData") or {}) | (secret.get("data") or {})
-    events = find("Role", "bgp-fabric-events")
-    # The source writes Events about cluster-scoped objects where the API server accepts them.
-    from fabric.sources.kubernetes import event_namespace
-    assert events["metadata"]["namespace"] == event_namespace({"kind": "IPPool", "metadata": {"name": "p"}})
+    # Events go on the object: in `default` for a cluster-scoped one, in its own namespace (any) for a
+    # Service / NetworkPolicy / Pod: create and patch Events cluster-wide, and nothing else.
+    events = find("ClusterRole", "bgp-fabric-events")
     for rule in events["rules"]:
         assert rule["resources"] == ["events"] and set(rule["verbs"]) == {"create", "patch"}
-    for name in ("bgp-fabric-peer-secrets", "bgp-fabric-events"):
-        rb = find("RoleBinding", name)
-        assert rb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}
-        assert rb["subjects"][0]["name"] == "bgp-fabric"
+    rb = find("RoleBinding", "bgp-fabric-peer-secrets")
+    assert rb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "bgp-fabric-peer-secrets"}
+    assert rb["subjects"][0]["name"] == "bgp-fabric"
+    crb = find("ClusterRoleBinding", "bgp-fabric-events")
+    assert crb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "bgp-fabric-events"}
+    assert crb["subjects"] == [{"kind": "ServiceAccount", "name": "bgp-fabric", "namespace": "bgp-fabric"}]
 
 
 def agent_config_text() -> str:
