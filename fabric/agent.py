@@ -292,6 +292,11 @@ class Agent:
             wake = True
         if wake:
             self.runner.wake("routes")
+        ss = self.runner.states.get("services")
+        if ss is not None and self.cfg.services.node_port_addresses and \
+                any(typ in (rtnl.RTM_NEWADDR, rtnl.RTM_DELADDR, nl.NLMSG_ERROR) for typ, *_ in msgs):
+            ss.stage.addresses_changed()  # NodePorts follow the interface addresses inside nodePortAddresses
+            self.runner.wake("services")
 
     def _filter_monitor(self) -> None:
         """Once the routes stage has its route socket: the kernel drops the echo of our own writes before

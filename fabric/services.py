@@ -44,6 +44,10 @@ class ServiceSync:
         self._noted: str | None = None
         self._skipped_logged: dict[str, tuple[str, ...]] = {}
 
+    def set_node_addresses(self, addresses: tuple[str, ...]) -> None:
+        """The addresses NodePorts are served on changed (the next sync plans every service again)."""
+        self.proxy.set_node_addresses(list(addresses))
+
     def sync(self, store: Store, changes: Changes, full: bool = False) -> None:
         if full:
             self.proxy.request_full()

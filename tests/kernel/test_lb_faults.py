@@ -149,3 +149,50 @@ def test_a_hung_nft_is_killed_and_retried_while_ipvs_is_programmed(ns: str, tmp_
         assert res.ok and p.next_deadline(clock.t) is None and not p.failing(clock.t)
     finally:
         p.close()
+
+
+def test_nodeports_follow_the_interface_addresses_inside_nodePortAddresses(ns: str, tmp_path: Path) -> None:
+    """services.nodePortAddresses as kube-proxy's --nodeport-addresses, through the services stage with the
+    real address dump and IPVS: NodePorts on every address of the node's interfaces inside the CIDRs (not
+    the node address outside them, not the service device's), following an address added and removed."""
+    from types import SimpleNamespace
+
+    from fabric.config import parse
+    from fabric.node_addresses import read_local_addresses
+    from fabric.services import ServiceSync
+    from fabric.stage import StageInput
+    from fabric.stages.services import ServicesStage
+    from tests.netprobe import in_netns
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", "-n", ns, *args], check=True)
+
+    for dev, addr in (("eth0", f"{NODE}/24"), ("eth1", "192.168.5.11/24"), ("fabric-svc", "192.168.5.200/32")):
+        ip("link", "add", dev, "type", "dummy")
+        ip("link", "set", dev, "up")
+        ip("addr", "add", addr, "dev", dev)
+    cfg = parse({"node": {"name": "node-a", "address": f"{NODE}/24"}, "source": {"kind": "file", "path": "c.yaml"},
+                 "services": {"nodePortAddresses": ["192.168.5.0/24"]}})
+    st = Store()
+    set_service(st, svc("np", "10.96.8.1", NP, "NodePort"), eps("np", {"pod1": READY}, ports=(("tcp", 8080, "TCP"),)))
+    sync = ServiceSync(cfg, tmp_path, netns=ns)
+    stage = ServicesStage(SimpleNamespace(cfg=cfg, store=st), lambda a: sync,
+                          read_addresses=lambda: in_netns(f"/run/netns/{ns}", read_local_addresses))
+
+    def run(full: bool = False) -> set[str]:
+        res = stage.run(StageInput(st.take(), full, time.monotonic(), True), None)
+        assert res.error is None and not res.failures, res
+        return {line.split()[1] for line in ipvsadm(ns, "-Ln").splitlines() if line.startswith("TCP")}
+
+    try:
+        assert run(True) == {"10.96.8.1:80", "192.168.5.11:30080"}  # not on NODE (outside), not on fabric-svc
+        ip("addr", "add", "192.168.5.12/24", "dev", "eth1")
+        assert run() == {"10.96.8.1:80", "192.168.5.11:30080"}, "no address event, no re-read"
+        stage.addresses_changed()  # what the agent's monitor does on RTM_NEWADDR
+        assert run() == {"10.96.8.1:80", "192.168.5.11:30080", "192.168.5.12:30080"}
+        ip("addr", "del", "192.168.5.11/24", "dev", "eth1")  # the primary: the kernel drops .12 too
+        stage.addresses_changed()
+        assert run() == {"10.96.8.1:80"}
+        assert stage.node_port_addresses == ()
+    finally:
+        sync.close()

@@ -41,6 +41,7 @@ class Clock:
 class Shim:
     run_dir: Path
     store: Store = field(default_factory=Store)
+    cfg: Any = CFG
 
 
 def test_skipped_services_are_reported_not_failing(tmp_path: Path) -> None:
