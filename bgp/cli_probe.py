@@ -5,6 +5,9 @@ inside a namespace. Requests (one JSON object a line):
   {"op": "neighbors", "neighbors": [{Neighbor fields}, ...]}
   {"op": "announce", "routes": [{"prefix": ..., "next_hop": ..., "communities": [...], "local_pref": ...,
                                  "med": ..., "neighbors": [...] | null}, ...]}   (the whole desired set)
+  {"op": "update", "routes": [{...as above}], "withdraw": [prefix, ...]}
+                            -> per-prefix changes to the announced set (Speaker.update_announcements;
+                               a reflector publishes its whole set instead)
   {"op": "reflect", "cluster_id": ..., "router_id": ..., "clients": [names], "non_clients": [names]}
                             -> be a route reflector: what the iBGP neighbors announce is reflected
                                (bgp.reflect) besides the announced set, recomputed after every event
@@ -118,6 +121,20 @@ async def main(run_dir: str) -> int:
             elif op == "announce":
                 own = {a.prefix: a for a in (announcement_from(r) for r in req["routes"])}
                 await publish()
+                _out({"ok": True, "op": op})
+            elif op == "update":
+                changes: dict[IPv4Network, Announcement | None] = {
+                    IPv4Network(p): None for p in req.get("withdraw", ())}
+                changes.update({a.prefix: a for a in (announcement_from(r) for r in req.get("routes", ()))})
+                for prefix, a in changes.items():
+                    if a is None:
+                        own.pop(prefix, None)
+                    else:
+                        own[prefix] = a
+                if reflector is None:
+                    await speaker.update_announcements(changes)
+                else:
+                    await publish()
                 _out({"ok": True, "op": op})
             elif op == "reflect":
                 reflector = Reflector(IPv4Address(req["cluster_id"]), IPv4Address(req["router_id"]),

@@ -37,6 +37,7 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Callable
@@ -380,6 +381,23 @@ class Speaker:
         desired = dict(desired)
         commands = diff_commands(self._announced, desired, self._addresses())
         self._announced = desired
+        await self._announce(commands, final)
+
+    async def update_announcements(self, changes: Mapping[IPv4Network, Announcement | None], *,
+                                   final: bool = True) -> None:
+        """Per-prefix changes to what is announced (None: withdraw it): only those prefixes are compared
+        and sent, O(changes) whatever else is announced. `final` as for set_announcements."""
+        old = {p: self._announced[p] for p in changes if p in self._announced}
+        new = {p: a for p, a in changes.items() if a is not None}
+        commands = diff_commands(old, new, self._addresses())
+        for p, a in changes.items():
+            if a is None:
+                self._announced.pop(p, None)
+            else:
+                self._announced[p] = a
+        await self._announce(commands, final)
+
+    async def _announce(self, commands: list[str], final: bool) -> None:
         if final and not self._final:
             self._final = True
             live = {IPv4Address(s["address"]) for s in self._tracker.status().values() if s["state"] == "established"}

@@ -1,7 +1,7 @@
 """Two Speakers (each a cli_probe in its own namespace, real ExaBGP) peering over a veth, iBGP AS 64512.
 
 One test walks the whole life of a session so the lab kernel pays for the start-up only once:
-announce -> peer's events, withdraw, kill -9 of ExaBGP -> respawn, re-announce and End-of-RIB,
+announce -> peer's events, withdraw, per-prefix updates, kill -9 of ExaBGP -> respawn, re-announce and End-of-RIB,
 adding a neighbor through set_neighbors (config reload) without resetting the existing session.
 """
 
@@ -84,6 +84,16 @@ def test_speaker_pair_lifecycle(pair: tuple[str, str]) -> None:
         m = b.mark()
         a.request({"op": "announce", "routes": [{"prefix": "10.244.1.0/24", "next_hop": "self"}]}, WAIT)
         assert b.wait_for(ev("RoutesWithdrawn", peer="node-a"), WAIT, after=m)["prefixes"] == ["10.244.2.0/24"]
+
+        # per-prefix changes (Speaker.update_announcements, what the agent's BGP stage sends for one
+        # service change): one withdrawn, one announced, then back; the speaker's whole set stays right
+        # (the replay after the kill below must be exactly 10.244.1.0/24)
+        for gone, new in (("10.244.1.0/24", "10.244.5.0/24"), ("10.244.5.0/24", "10.244.1.0/24")):
+            m = b.mark()
+            a.request({"op": "update", "withdraw": [gone], "routes": [{"prefix": new, "next_hop": "self"}]}, WAIT)
+            assert b.wait_for(ev("RoutesWithdrawn", peer="node-a"), WAIT, after=m)["prefixes"] == [gone]
+            assert b.wait_for(ev("RoutesAnnounced", peer="node-a"), WAIT, after=m)["prefixes"] == [new]
+        assert a.status(WAIT)["announced"] == 1
 
         # kill -9 A's ExaBGP: it is respawned, the session comes back gracefully, routes and EOR again
         st = a.status(WAIT)

@@ -241,6 +241,55 @@ def test_end_of_rib_is_withheld_until_the_announced_set_is_final(tmp_path: Path,
     asyncio.run(main())
 
 
+def test_update_announcements_sends_only_the_changed_prefixes(tmp_path: Path, fake_exabgp: str) -> None:
+    """Per-prefix changes (what the BGP stage hands over for one service change): only those prefixes
+    are compared and sent; None withdraws; the whole set stays right for a replay; the first final
+    update releases End-of-RIB like set_announcements does."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "inject.jsonl").write_text("\n".join([OPEN % ("10.0.0.2", "10.0.0.2"), STATE % ("10.0.0.2", "up")])
+                                          + "\n")
+    events: list[BgpEvent] = []
+
+    async def main() -> None:
+        sp = Speaker(run_dir, events.append, exabgp=fake_exabgp)
+        await sp.set_neighbors([nb("b", "10.0.0.2")])
+        await sp.set_announcements({N("10.244.1.0/24"): ann("10.244.1.0/24"),
+                                    N("10.96.0.10/32"): ann("10.96.0.10/32")}, final=False)
+        await sp.start()
+        try:
+            await until("replay", lambda: "neighbor 10.0.0.2 announce attributes next-hop self nlri 10.96.0.10/32 "
+                        "10.244.1.0/24" in commands(run_dir))
+            n = len(commands(run_dir))
+            await sp.update_announcements({N("10.96.0.10/32"): None, N("10.96.0.11/32"): ann("10.96.0.11/32"),
+                                           N("10.244.1.0/24"): ann("10.244.1.0/24"),  # unchanged: nothing sent
+                                           N("10.96.0.99/32"): None}, final=False)  # never announced: nothing
+            await until("update", lambda: len(commands(run_dir)) >= n + 2)
+            await asyncio.sleep(0.2)
+            assert commands(run_dir)[n:] == ["withdraw attributes nlri 10.96.0.10/32",
+                                             "announce attributes next-hop self nlri 10.96.0.11/32"]
+            assert sp.status()["announced"] == 2 and sp.status()["endOfRib"].startswith("withheld")
+            # an empty final update: nothing to announce, End-of-RIB goes to the live session
+            n = len(commands(run_dir))
+            await sp.update_announcements({}, final=True)
+            await until("eor", lambda: "neighbor 10.0.0.2 announce eor ipv4 unicast" in commands(run_dir))
+            assert commands(run_dir)[n:] == ["neighbor 10.0.0.2 announce eor ipv4 unicast"]
+            # ExaBGP restarted: the replay is the whole set as updated
+            n = len(commands(run_dir))
+            pid = sp.status()["exabgp_pid"]
+            assert isinstance(pid, int)
+            os.kill(pid, signal.SIGKILL)
+            await until("respawned", lambda: sp.status()["exabgp_starts"] == 2 and sp.status()["relay_connected"])
+            await until("replayed", lambda: "neighbor 10.0.0.2 announce eor ipv4 unicast" in commands(run_dir)[n:])
+            replay = [c for c in commands(run_dir)[n:] if "announce attributes" in c]
+            assert replay == ["announce attributes next-hop self nlri 10.96.0.11/32 10.244.1.0/24",
+                              "neighbor 10.0.0.2 announce attributes next-hop self nlri 10.96.0.11/32 10.244.1.0/24"]
+        finally:
+            await sp.stop()
+
+    asyncio.run(main())
+
+
 def test_run_dir_and_config_are_private_and_no_password_in_reprs(tmp_path: Path, fake_exabgp: str) -> None:
     """Finding 12: exabgp.conf holds the MD5 password: 0600 in a 0700 run dir; reprs never show it."""
     run_dir = tmp_path / "run"
