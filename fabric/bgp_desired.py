@@ -14,8 +14,9 @@ that peer from the targets of every prefix it does not pass: what it denies is n
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from bgp.exabgp_config import Neighbor
 from bgp.policy import filter_verdict
@@ -255,11 +256,11 @@ def service_announcements(cfg: AgentConfig, services: dict[str, dict], slices: d
     """Calico's rule for externalTrafficPolicy: Local: each external/LoadBalancer IP inside an advertised
     range is announced as a /32 only by nodes with a ready local endpoint, so upstream routers send
     clients only where they are answered locally (no SNAT, client IP kept). Cluster-policy services are
-    covered by the advertised ranges themselves."""
+    covered by the advertised ranges themselves. The whole set at once, O(services): the reference the
+    BGP stage's ServiceAnnouncer (the same, kept per service) is tested against."""
     externals = frozenset(n.name for n in neighbors if n.kind == "external")
     if not externals:
         return {}
-    ranges = list(cfg.advertise.service_external_ips) + list(cfg.advertise.service_load_balancer_ips)
     by_service: dict[str, list[dict]] = {}
     for sl in slices.values():
         svc_key, _ = slice_service_key(sl)  # None for a malformed slice (the service proxy reports it)
@@ -268,14 +269,106 @@ def service_announcements(cfg: AgentConfig, services: dict[str, dict], slices: d
     me, comm = cfg.node.address.ip, tuple(cfg.advertise.communities)
     out: dict[ipaddress.IPv4Network, DesiredAnnouncement] = {}
     for key, svc in sorted(services.items()):
-        if not isinstance(svc, dict) or _m(svc.get("spec")).get("externalTrafficPolicy") != "Local":
-            continue
-        if not _has_local_ready_endpoint(by_service.get(key, []), cfg.node.name):
-            continue
-        for ip in _service_ips(svc):
-            if any(ip in r for r in ranges):
-                net = ipaddress.IPv4Network(f"{ip}/32")
-                out[net] = DesiredAnnouncement(net, me, comm, externals,
-                                               f"service {key} (externalTrafficPolicy Local) has a ready endpoint "
-                                               f"on this node")
+        for net in service_slash32s(cfg, svc, by_service.get(key, [])):
+            out[net] = DesiredAnnouncement(net, me, comm, externals, f"service {key} (externalTrafficPolicy Local) "
+                                           "has a ready endpoint on this node")
     return apply_export_filters(cfg, out, neighbors)
+
+
+def service_slash32s(cfg: AgentConfig, svc: Any, slices: Iterable[dict]) -> frozenset[ipaddress.IPv4Network]:
+    """The /32s one service makes this node announce: its external / LoadBalancer IPs inside an advertised
+    range when it is externalTrafficPolicy Local and has a ready endpoint on this node."""
+    if not isinstance(svc, dict) or _m(svc.get("spec")).get("externalTrafficPolicy") != "Local":
+        return frozenset()
+    if not _has_local_ready_endpoint(list(slices), cfg.node.name):
+        return frozenset()
+    ranges = list(cfg.advertise.service_external_ips) + list(cfg.advertise.service_load_balancer_ips)
+    return frozenset(ipaddress.IPv4Network((ip, 32)) for ip in _service_ips(svc) if any(ip in r for r in ranges))
+
+
+class ServiceAnnouncer:
+    """The ETP=Local /32s per service, kept per change: a Service or EndpointSlice change recomputes the
+    services it touches (a slice's service before and after the change), not every service. `anns` equals
+    service_announcements() over the same objects (tests/unit/test_bgp_stage.py checks it on random
+    sequences); it depends on the config (ranges, this node) through `rebuild` and on the neighbors only
+    through the announcements' targets (`retarget`)."""
+
+    def __init__(self) -> None:
+        self.by_service: dict[str, frozenset[ipaddress.IPv4Network]] = {}
+        self.holders: dict[ipaddress.IPv4Network, set[str]] = {}  # /32 -> the services that want it
+        self.slice_owner: dict[str, str] = {}  # slice key -> its service ("ns/name")
+        self.slices_of: dict[str, set[str]] = {}
+        self.anns: dict[ipaddress.IPv4Network, DesiredAnnouncement] = {}
+
+    def rebuild(self, cfg: AgentConfig, services: dict[str, dict], slices: dict[str, dict],
+                neighbors: list[Neighbor]) -> set[ipaddress.IPv4Network]:
+        """Everything from scratch (first run, config change, resync). Returns every prefix before or after."""
+        before = set(self.anns)
+        self.by_service, self.holders, self.slice_owner, self.slices_of = {}, {}, {}, {}
+        for key, sl in slices.items():
+            self._own_slice(key, sl)
+        for key in services:
+            self._set(key, service_slash32s(cfg, services[key], (slices[k] for k in self.slices_of.get(key, ()))))
+        self.anns = {}
+        self.retarget(cfg, neighbors)
+        return before | set(self.anns)
+
+    def update(self, cfg: AgentConfig, neighbors: list[Neighbor], get: Callable[[str, str], Any],
+               services: Iterable[str], slices: Iterable[str]) -> set[ipaddress.IPv4Network]:
+        """Changed Service and EndpointSlice keys; `get(kind, key)` reads the Store. Returns the /32s whose
+        announcement changed (O(the services touched))."""
+        touched = set(services)
+        for key in slices:
+            old = self.slice_owner.get(key)
+            new = self._own_slice(key, get("EndpointSlice", key))
+            touched |= {s for s in (old, new) if s}
+        changed: set[ipaddress.IPv4Network] = set()
+        for svc in touched:
+            sls = [sl for k in self.slices_of.get(svc, ()) if (sl := get("EndpointSlice", k)) is not None]
+            changed |= self._set(svc, service_slash32s(cfg, get("Service", svc), sls))
+        self._announce(cfg, neighbors, changed)
+        return changed
+
+    def retarget(self, cfg: AgentConfig, neighbors: list[Neighbor]) -> set[ipaddress.IPv4Network]:
+        """The neighbors (or communities) changed: every /32's announcement again (O(/32s))."""
+        before = dict(self.anns)
+        self.anns = {}
+        self._announce(cfg, neighbors, set(self.holders))
+        return {p for p in before.keys() | self.anns.keys() if before.get(p) != self.anns.get(p)}
+
+    def _own_slice(self, key: str, sl: Any) -> str | None:
+        old = self.slice_owner.pop(key, None)
+        if old is not None:
+            self.slices_of[old].discard(key)
+            if not self.slices_of[old]:
+                del self.slices_of[old]
+        svc = slice_service_key(sl)[0] if sl is not None else None  # None: malformed (the proxy says why)
+        if svc:
+            self.slice_owner[key] = svc
+            self.slices_of.setdefault(svc, set()).add(key)
+        return svc
+
+    def _set(self, svc: str, nets: frozenset[ipaddress.IPv4Network]) -> set[ipaddress.IPv4Network]:
+        old = self.by_service.pop(svc, frozenset())
+        if nets:
+            self.by_service[svc] = nets
+        for p in old - nets:
+            h = self.holders[p]
+            h.discard(svc)
+            if not h:
+                del self.holders[p]
+        for p in nets - old:
+            self.holders.setdefault(p, set()).add(svc)
+        return set(old ^ nets)  # a /32 in both keeps its holders (and its announcement): not a change
+
+    def _announce(self, cfg: AgentConfig, neighbors: list[Neighbor], prefixes: Iterable[ipaddress.IPv4Network]) -> None:
+        externals = frozenset(n.name for n in neighbors if n.kind == "external")
+        me, comm = cfg.node.address.ip, tuple(cfg.advertise.communities)
+        new: dict[ipaddress.IPv4Network, DesiredAnnouncement] = {}
+        for p in prefixes:
+            self.anns.pop(p, None)
+            h = self.holders.get(p)
+            if h and externals:
+                new[p] = DesiredAnnouncement(p, me, comm, externals, f"service {max(h)} (externalTrafficPolicy Local) "
+                                             "has a ready endpoint on this node")
+        self.anns.update(apply_export_filters(cfg, new, neighbors))

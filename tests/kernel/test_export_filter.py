@@ -6,7 +6,11 @@ without resetting the session.
 The same lab also holds two misconfigured peers of a1, both real BIRD sessions in a namespace of their own
 on rack A: one with another TCP-MD5 password, one whose AS is not the one configured. Each shows its cause
 in `fabric status` and in /metrics (scraped and parsed with Prometheus' text parser, checked against the
-lab's sessions and routes), and a1's password appears in no log, status, metrics, plan or explain."""
+lab's sessions and routes), and a1's password appears in no log, status, metrics, plan or explain.
+
+a2 also announces the /32 of an externalTrafficPolicy Local LoadBalancer service whose one endpoint is on
+a2: the endpoint going not ready withdraws just that /32 from the ToR and coming back announces it again
+(the BGP stage's per-service path, on the same session)."""
 
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ router bgp 65000
 
 A1, A2 = "10.0.1.11", "10.0.1.12"
 SERVICES = ["10.96.0.0/24", "10.96.1.0/24"]
+LB_RANGE, LB_IP = "10.96.100.0/24", "10.96.100.50"  # a2 advertises the range; the ETP=Local /32 follows the endpoint
 OUR_PASSWORD = "a1-Wrong-md5-Secret"  # a1's password for the MD5 peer; BIRD has another
 # strict bind: a listening socket per local address. With one shared socket, md5peer's TCP-MD5 key for
 # 10.0.1.11 would apply to every connection from a1, aspeer's too (keys are per peer address).
@@ -71,6 +76,10 @@ BAD_PEERS = [{"name": "md5peer", "address": "10.0.1.3", "asn": 65000, "password"
 
 def overrides(n: Node) -> dict:
     doc: dict = {"advertise": {"serviceClusterIPs": SERVICES}, "health": {"listen": "127.0.0.1:9099"}}
+    if n.name == "a2":
+        doc["advertise"]["serviceLoadBalancerIPs"] = [LB_RANGE]
+        # no periodic resync during the test: an endpoint change must reach the ToR by itself
+        doc["timers"] = {"holdTime": 9, "gracefulRestartTime": 60, "resyncInterval": 600}
     if n.name == "a1":
         doc["peers"] = BAD_PEERS
         doc["timers"] = {"holdTime": 9, "gracefulRestartTime": 60, "resyncInterval": 30, "connectRetry": 2}
@@ -138,9 +147,19 @@ class ExportLab(MeshLab):
     ToR has a second address for a2's session: two BGPPeer objects may not share a peerIP."""
 
     export: dict = {"allow": ["10.96.0.0/16"], "deny": ["10.96.1.0/24"]}
+    lb_ready = True  # the LoadBalancer service's one endpoint (on a2)
 
     def cluster_doc(self) -> dict:
         doc = super().cluster_doc()
+        doc["services"] = [{"metadata": {"name": "lb", "namespace": "default"},
+                            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.50", "externalTrafficPolicy": "Local",
+                                     "ports": [{"port": 80, "protocol": "TCP", "nodePort": 30080}]},
+                            "status": {"loadBalancer": {"ingress": [{"ip": LB_IP}]}}}]
+        doc["endpointSlices"] = [{"metadata": {"name": "lb-x", "namespace": "default",
+                                               "labels": {"kubernetes.io/service-name": "lb"}},
+                                  "addressType": "IPv4", "ports": [{"port": 8080, "protocol": "TCP"}],
+                                  "endpoints": [{"addresses": ["10.244.2.5"], "nodeName": "a2",
+                                                 "conditions": {"ready": self.lb_ready}}]}]
         for n in doc["nodes"]:
             n["labels"] = {"export": "filtered" if n["name"] == "a1" else "open"}
         doc["bgpPeers"] = [
@@ -187,8 +206,9 @@ def test_export_filter_denied_prefixes_never_reach_the_tor() -> None:
         start_bird(lab)
         lab.start()
         a1, a2 = nodes
-        # the unfiltered node announces its pod CIDR and both service ranges: the ToR takes them all
-        open_set = {"10.244.2.0/24", *SERVICES}
+        # the unfiltered node announces its pod CIDR, the service ranges and the ETP=Local /32 of its
+        # endpoint: the ToR takes them all
+        open_set = {"10.244.2.0/24", *SERVICES, LB_RANGE, f"{LB_IP}/32"}
         try:
             wait_for(lambda: tor_rib(lab).get(A2, set()) == open_set and A1 in tor_rib(lab), 90,
                      f"the ToR's RIB to hold {open_set} from a2 and a route from a1")
@@ -204,6 +224,16 @@ def test_export_filter_denied_prefixes_never_reach_the_tor() -> None:
         assert received_from(log.read_text(errors="replace"), A2) >= open_set  # the log sees what arrives
         assert received_from(log.read_text(errors="replace"), A1) == {"10.96.0.0/24"}
         sessions = established_count(lab, A1)
+
+        # a2's endpoint goes not ready: its /32 alone is withdrawn; ready again: announced again
+        a2_sessions = established_count(lab, A2)
+        for ready, want in ((False, open_set - {f"{LB_IP}/32"}), (True, open_set)):
+            lab.lb_ready = ready
+            lab.write_cluster()
+            wait_for(lambda: tor_rib(lab).get(A2) == want, 20, f"a2's announcements with the endpoint ready={ready}")
+        assert established_count(lab, A2) == a2_sessions, "an endpoint change must not reset the session"
+        wait_for(lambda: lab.status(a2).get("stages", {}).get("bgp", {}).get("announced") == len(open_set), 10,
+                 "a2's status to count its announcements")
 
         # runtime change: a1's filter now passes pod CIDRs only — 10.96.0.0/24 is withdrawn, the pod CIDR sent
         lab.export = {"allow": ["10.244.0.0/16"]}

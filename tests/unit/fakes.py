@@ -152,6 +152,7 @@ class FakeSpeaker:
         self.announced: dict = {}
         self.final = False
         self.final_with: dict | None = None  # the announced set when it first became final
+        self.calls: list[tuple[str, int]] = []  # ("set" | "update", how many prefixes handed over)
         self.started = False
 
     async def start(self) -> None:
@@ -167,8 +168,19 @@ class FakeSpeaker:
 
     async def set_announcements(self, desired: dict, *, final: bool = True) -> None:
         self.announced = dict(desired)
+        self.calls.append(("set", len(desired)))
         if final and not self.final:
             self.final, self.final_with = True, dict(desired)
+
+    async def update_announcements(self, changes: dict, *, final: bool = True) -> None:
+        for p, a in changes.items():
+            if a is None:
+                self.announced.pop(p, None)
+            else:
+                self.announced[p] = a
+        self.calls.append(("update", len(changes)))
+        if final and not self.final:
+            self.final, self.final_with = True, dict(self.announced)
 
     def status(self) -> dict:
         return {"neighbors": {n.name: {"address": str(n.peer_address), "state": "established"}
