@@ -205,9 +205,11 @@ def speaker_times(pair: Pair, n: int) -> tuple[float, float]:
     return first, time.monotonic() - t0
 
 
-def one(kind: str, n: int) -> tuple[float, float]:
-    """(seconds from enabling the feed to the first route in the kernel, ... to the last)."""
+def one(kind: str, n: int, profile: Path | None = None) -> tuple[float, float]:
+    """(seconds from enabling the feed to the first route in the kernel, ... to the last). `profile`: a
+    folder where py-spy (when installed) records the agent's stacks while it takes the routes."""
     pair = Pair(n)
+    spy = None
     wanted = set(prefixes(n))
     try:
         getattr(pair, f"start_{kind}")()
@@ -216,6 +218,13 @@ def one(kind: str, n: int) -> tuple[float, float]:
         if kind == "speaker":
             return speaker_times(pair, n)
         mon = Monitor(pair.rcv, PROTO[kind], wanted)
+        if profile is not None and kind == "agent":
+            profile.mkdir(parents=True, exist_ok=True)
+            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
+                                    str(pair.procs.find("agent").popen.pid), "--threads", "--rate", "250",
+                                    "--format", "raw", "-o", str(profile / f"agent-{pair.tag}.txt")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)  # attached
         time.sleep(0.3)  # the monitor subscribed
         t0, t0_wall = time.monotonic(), time.time()
         pair.birdc(pair.snd_sock, "enable", "feed")
@@ -229,6 +238,9 @@ def one(kind: str, n: int) -> tuple[float, float]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{kind}: only {pair.count(PROTO[kind], wanted)} of {n} routes after 600 s")
         mon.close()
+        if spy is not None:
+            spy.send_signal(2)
+            spy.wait(30)
         if kind == "agent":
             # How many syncs the agent needed (each one re-runs the import filter and model over every route).
             def syncs() -> list[tuple[float, int]]:
@@ -253,12 +265,13 @@ def main() -> int:
     ap.add_argument("--prefixes", type=int, default=10000)
     ap.add_argument("--only", default="bird,frr,agent,speaker")
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--profile", type=Path, help="py-spy the agent (raw stacks per run into this folder)")
     a = ap.parse_args()
     kinds = a.only.split(",")
     res: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
     for _ in range(a.runs):
         for k in kinds:
-            res[k].append(one(k, a.prefixes))
+            res[k].append(one(k, a.prefixes, a.profile))
             print(f"  {k}: first route {res[k][-1][0]:.2f}s, all {a.prefixes} {res[k][-1][1]:.2f}s", flush=True)
     print(f"{a.prefixes} prefixes from one BGP peer into the kernel (seconds from the sender enabling them;"
           f" best of {a.runs})")

@@ -13,6 +13,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from bgp.attributes import PathAttributes, from_exabgp
+from bgp.prefix import Prefix
 
 
 @dataclass(frozen=True)
@@ -151,8 +152,8 @@ def _parse(doc: dict[str, Any], text: str) -> Message:
         update = message["update"]
         announced: list[tuple[IPv4Address, tuple[IPv4Network, ...]]] = []
         for nh, routes in update.get("announce", {}).get(_FAMILY, {}).items():
-            announced.append((IPv4Address(nh), tuple(IPv4Network(r["nlri"]) for r in routes)))
-        withdrawn = tuple(IPv4Network(r["nlri"]) for r in update.get("withdraw", {}).get(_FAMILY, []))
+            announced.append((IPv4Address(nh), tuple(Prefix(r["nlri"]) for r in routes)))
+        withdrawn = tuple(Prefix(r["nlri"]) for r in update.get("withdraw", {}).get(_FAMILY, []))
         raw = dict(update.get("attribute", {}))
         return UpdateMsg(peer, tuple(announced), withdrawn, False, raw, _path(raw) if announced else PathAttributes())
     return Unparsed(text, f"message type {kind!r} not handled")

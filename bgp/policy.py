@@ -81,16 +81,37 @@ class Rejection:
         return code_of(self.reason)
 
 
+MASK32 = 0xFFFFFFFF
+
+
+def addr_key(p: IPv4Network) -> tuple[int, int]:
+    """Address order as integers (IPv4Network's own ordering, without its costly comparisons)."""
+    return int(p.network_address), p.prefixlen
+
+
+def span(p: IPv4Network) -> tuple[int, int]:
+    """The first and last address of `p` as integers: subnet_of / overlaps become two comparisons
+    (ipaddress builds a broadcast address object per network for them)."""
+    lo = int(p.network_address)
+    return lo, lo | (MASK32 >> p.prefixlen)
+
+
+def spans(nets: Iterable[IPv4Network]) -> tuple[tuple[int, int, IPv4Network], ...]:
+    return tuple((*span(n), n) for n in nets)
+
+
 def _sorted(prefixes: Iterable[IPv4Network]) -> list[IPv4Network]:
-    return sorted(set(prefixes), key=lambda p: (p.network_address, p.prefixlen))
+    return sorted(set(prefixes), key=addr_key)
+
+
+def _covered_span(sorted_ints: list[int], lo: int, hi: int) -> IPv4Address | None:
+    i = bisect_left(sorted_ints, lo)
+    return IPv4Address(sorted_ints[i]) if i < len(sorted_ints) and sorted_ints[i] <= hi else None
 
 
 def _covered(sorted_ints: list[int], prefix: IPv4Network) -> IPv4Address | None:
     """The lowest address of `sorted_ints` inside `prefix`: one bisect instead of a loop over nodes."""
-    lo = int(prefix.network_address)
-    hi = lo | (0xFFFFFFFF >> prefix.prefixlen)
-    i = bisect_left(sorted_ints, lo)
-    return IPv4Address(sorted_ints[i]) if i < len(sorted_ints) and sorted_ints[i] <= hi else None
+    return _covered_span(sorted_ints, *span(prefix))
 
 
 def own_asn_count(attrs: PathAttributes | None, asn: int) -> int:
@@ -109,14 +130,28 @@ def filter_verdict(f: PrefixFilter | None, prefix: IPv4Network) -> str | None:
     everything passes; an empty allow list allows every prefix (deny and maxLength still apply)."""
     if f is None:
         return None
-    for d in f.deny:
-        if prefix.subnet_of(d):
-            return Reason("filter-denied", f"denied by {d}")
-    if f.allow and not any(prefix.subnet_of(a) for a in f.allow):
-        return Reason("filter-not-allowed", "not inside an allowed prefix")
-    if f.max_length is not None and prefix.prefixlen > f.max_length:
-        return Reason("filter-max-length", f"longer than maxLength {f.max_length}")
-    return None
+    return _SpanFilter(f).verdict(*span(prefix), prefix.prefixlen)
+
+
+class _SpanFilter:
+    """A PrefixFilter with its prefixes as integer spans (built once per policy, used per prefix)."""
+
+    __slots__ = ("deny", "allow", "max_length")
+
+    def __init__(self, f: PrefixFilter) -> None:
+        self.deny = spans(f.deny)
+        self.allow = spans(f.allow)
+        self.max_length = f.max_length
+
+    def verdict(self, lo: int, hi: int, plen: int) -> str | None:
+        for dlo, dhi, d in self.deny:
+            if dlo <= lo and hi <= dhi:
+                return Reason("filter-denied", f"denied by {d}")
+        if self.allow and not any(alo <= lo and hi <= ahi for alo, ahi, _ in self.allow):
+            return Reason("filter-not-allowed", "not inside an allowed prefix")
+        if self.max_length is not None and plen > self.max_length:
+            return Reason("filter-max-length", f"longer than maxLength {self.max_length}")
+        return None
 
 
 @dataclass(frozen=True)
@@ -125,22 +160,29 @@ class MeshImportPolicy:
     own_pod_cidrs: tuple[IPv4Network, ...]
     node_addresses: tuple[IPv4Address, ...]
     _node_ints: list[int] = field(init=False, repr=False, compare=False)
+    _own: tuple = field(init=False, repr=False, compare=False)
+    _pools: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_node_ints", sorted({int(a) for a in self.node_addresses}))
+        object.__setattr__(self, "_own", spans(self.own_pod_cidrs))
+        object.__setattr__(self, "_pools", spans(p.cidr for p in self.pools if not p.disabled))
 
     def check(self, prefix: IPv4Network) -> str | None:
         """None when accepted, else why not."""
-        if prefix.prefixlen == 0:
+        plen = prefix.prefixlen
+        if plen == 0:
             return Reason("default-route", "default route")
-        addr = _covered(self._node_ints, prefix)
+        lo = int(prefix.network_address)
+        hi = lo | (MASK32 >> plen)
+        addr = _covered_span(self._node_ints, lo, hi)
         if addr is not None:
             return Reason("covers-node-address", f"covers node address {addr}")
-        for own in self.own_pod_cidrs:
-            if prefix.overlaps(own):
+        for olo, ohi, own in self._own:
+            if lo <= ohi and olo <= hi:
                 return Reason("own-pod-cidr", f"overlaps this node's pod CIDR {own}")
-        for pool in self.pools:
-            if not pool.disabled and prefix.subnet_of(pool.cidr):
+        for plo, phi, _ in self._pools:
+            if plo <= lo and hi <= phi:
                 return None
         return Reason("outside-pools", "not inside an enabled IP pool")
 
@@ -168,34 +210,52 @@ class ExternalImportPolicy:
     allow_own_asn: int = 0  # ... unless it is there at most this many times (FRR's allowas-in)
     own_prefixes: tuple[IPv4Network, ...] = ()  # what this node announces itself: never taken back
     _node_ints: list[int] = field(init=False, repr=False, compare=False)
+    _own: tuple = field(init=False, repr=False, compare=False)
+    _nets: tuple = field(init=False, repr=False, compare=False)
+    _filter: "_SpanFilter | None" = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_node_ints", sorted({int(a) for a in self.node_addresses}))
+        object.__setattr__(self, "_own", spans(self.own_prefixes))
+        object.__setattr__(self, "_nets", spans(self.node_networks))
+        object.__setattr__(self, "_filter", _SpanFilter(self.prefix_filter) if self.prefix_filter is not None else None)
 
     def check(self, prefix: IPv4Network, attrs: PathAttributes | None = None) -> str | None:
         """None when accepted, else why not. `attrs`: the route's path attributes (its AS_PATH)."""
-        for own in self.own_prefixes:
-            if prefix.subnet_of(own):
-                return Reason("own-prefix", f"inside {own}, which this node announces itself (never taken back)")
+        return self._check(prefix, self._loop(attrs))
+
+    def _loop(self, attrs: PathAttributes | None) -> str | None:
+        """Why a route with these attributes is refused whatever its prefix (an AS_PATH loop), or None."""
         if self.own_asn is not None and attrs is not None:
             n = own_asn_count(attrs, self.own_asn)
             if n > self.allow_own_asn:
                 more = f" {n} times" if n > 1 else ""
                 return Reason("as-path-loop", f"AS_PATH {_path_text(attrs)} holds our AS {self.own_asn}{more}: a loop "
                                               f"(RFC 4271 9.1.2; set import.allowOwnAsn to accept)")
-        if prefix.prefixlen == 0 and not self.allow_default:
+        return None
+
+    def _check(self, prefix: IPv4Network, loop: str | None) -> str | None:
+        plen = prefix.prefixlen
+        lo = int(prefix.network_address)
+        hi = lo | (MASK32 >> plen)
+        for olo, ohi, own in self._own:
+            if olo <= lo and hi <= ohi:
+                return Reason("own-prefix", f"inside {own}, which this node announces itself (never taken back)")
+        if loop is not None:
+            return loop
+        if plen == 0 and not self.allow_default:
             return Reason("default-route", "default route (the node's own default route comes first; set "
                                            "import.allowDefaultRoute to install it behind the node's own)")
-        if not self.allow_node_networks and prefix.prefixlen > 0:
-            for net in self.node_networks:
-                if prefix.subnet_of(net):
+        if not self.allow_node_networks and plen > 0:
+            for nlo, nhi, net in self._nets:
+                if nlo <= lo and hi <= nhi:
                     return Reason("node-subnet", f"inside the node's own subnet {net} (set import.allowNodeNetworks "
                                                  "to accept it)")
-            addr = _covered(self._node_ints, prefix)
+            addr = _covered_span(self._node_ints, lo, hi)
             if addr is not None:
                 return Reason("covers-node-address", f"covers node address {addr} (set import.allowNodeNetworks "
                                                      "to accept it)")
-        return filter_verdict(self.prefix_filter, prefix)
+        return self._filter.verdict(lo, hi, plen) if self._filter is not None else None
 
     def filter(self, prefixes: Iterable[IPv4Network], held: Iterable[IPv4Network] = (),
                attrs: Mapping[IPv4Network, PathAttributes | None] | None = None
@@ -206,8 +266,15 @@ class ExternalImportPolicy:
         count = len(held_set)
         accepted: list[IPv4Network] = []
         rejected: list[Rejection] = []
+        loops: dict[int, str | None] = {id(None): None}  # by id(attrs): one verdict per UPDATE's attributes
         for p in _sorted(prefixes):
-            why = self.check(p, attrs.get(p) if attrs else None)
+            a = attrs.get(p) if attrs else None
+            k = id(a)
+            if k in loops:
+                loop = loops[k]
+            else:
+                loop = loops[k] = self._loop(a)
+            why = self._check(p, loop)
             if why is None and p not in held_set and self.max_prefixes is not None and count >= self.max_prefixes:
                 why = Reason("max-prefixes", f"max-prefixes {self.max_prefixes} exceeded")
             if why is None:

@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 
 from bgp.attributes import PathAttributes
-from bgp.policy import ExternalImportPolicy, MeshImportPolicy, Reason, Rejection, RejectionLog
+from bgp.policy import MASK32, ExternalImportPolicy, MeshImportPolicy, Reason, Rejection, RejectionLog, spans
 from fabric.config import AgentConfig
 from fabric.inputs import NodeInfo
 
@@ -71,6 +71,7 @@ class ImportFilter:
             for peer, nh in holders:
                 by_peer[peer][prefix] = nh
         ibgp_set = set(ibgp)
+        in_pool = self._pool_test()
         out: Learned = defaultdict(set)
         fresh: list[Fresh] = []
         active: dict[tuple[str, ipaddress.IPv4Network], Rejection] = (
@@ -82,8 +83,9 @@ class ImportFilter:
             if kind == "mesh":
                 accepted, rejected = mesh.filter(prefixes)
             else:
-                pods = [p for p in prefixes if self._in_pool(p)]
-                other = [p for p in prefixes if not self._in_pool(p)]
+                pods, other = [], []
+                for p in prefixes:
+                    (pods if in_pool(p) else other).append(p)
                 if peer in ibgp_set:
                     accepted, rejected = mesh.filter(pods)
                 else:
@@ -106,7 +108,20 @@ class ImportFilter:
         return dict(out), fresh
 
     def _in_pool(self, prefix: ipaddress.IPv4Network) -> bool:
-        return any(not p.disabled and prefix.subnet_of(p.cidr) for p in self.cfg.pools)
+        return self._pool_test()(prefix)
+
+    def _pool_test(self) -> Callable[[ipaddress.IPv4Network], bool]:
+        """Whether a prefix is inside an enabled pool, as integer comparisons (one call per prefix)."""
+        pools = tuple((lo, hi) for lo, hi, _ in spans(p.cidr for p in self.cfg.pools if not p.disabled))
+
+        def test(prefix: ipaddress.IPv4Network) -> bool:
+            lo = int(prefix.network_address)
+            hi = lo | (MASK32 >> prefix.prefixlen)
+            for plo, phi in pools:
+                if plo <= lo and hi <= phi:
+                    return True
+            return False
+        return test
 
     def active(self) -> dict[tuple[str, ipaddress.IPv4Network], Rejection]:
         """(peer, prefix) -> the rejection in force (a reference to a dict no one mutates any more)."""

@@ -148,7 +148,7 @@ class RouteKernel:
                 errors.append(OpError(op, route, errno.ENODEV))
                 continue
             msgs.append((msg, seq, (op, route)))
-        for (op, route), err in nl.pipeline(self._sock, msgs, chunk=ROUTE_CHUNK_BYTES):
+        for (op, route), err in nl.pipeline(self._sock, msgs, chunk=ROUTE_CHUNK_BYTES, errors_only=True):
             if op == "delete" and err in (errno.ESRCH, errno.ENOENT):
                 continue
             errors.append(OpError(op, route, err))

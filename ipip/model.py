@@ -237,64 +237,109 @@ def desired_routes(*, facts: NodeFacts, pools: list[Pool], local_pod_cidrs: Iter
         routes[cidr] = Route(cidr, "blackhole", why=f"local pod CIDR of this node ({cidr}): blackhole for unused "
                                                      "addresses; pods have their own /32 routes", shape="blackhole")
 
-    for prefix in sorted(learned):
+    # What one (peer, next hop) gives doesn't depend on the prefix, only on its pool: worked out once per
+    # (pool, peer, next hop) and reused for every prefix (10,000 prefixes from one peer share one).
+    hop_of: dict[tuple[int, str, ipaddress.IPv4Address], _Hop] = {}  # by (id(pool), peer, next hop)
+    pool_of = _PoolLookup(pools)
+    ext = external or {}
+
+    def one_hop(pool: Pool | None, peer: str, next_hop: ipaddress.IPv4Address) -> _Hop:
+        if pool is None:
+            hop, why = _external_hop(peer, next_hop, ext.get(peer), facts)
+            if hop is None:
+                return _Hop(None, why, "", False, False)
+            return _Hop(hop, f"from {peer} via {next_hop} (no pool: external route, metric {external_metric}) -> {why}",
+                        "recursive" if hop.gateway != next_hop else "direct", False, False)
+        same = next_hop in facts.network
+        mode = pool.ipip_mode
+        where = "same subnet" if same else "another subnet"
+        pool_txt = f"pool {pool.cidr} ipipMode {mode.value}"
+        if mode is IPIPMode.ALWAYS or (mode is IPIPMode.CROSS_SUBNET and not same):
+            return _Hop(NextHop(next_hop, tunnel_device, onlink=True),
+                        f"from {peer} via {next_hop} ({where}, {pool_txt}) -> IPIP via {tunnel_device}", "ipip", True,
+                        False)
+        hop = resolve_underlay(next_hop, facts)
+        if hop is None:
+            return _Hop(None, f"next hop {next_hop} is in another subnet and not routed by the underlay ({pool_txt}): "
+                              "unreachable", "", False, False)
+        if hop.gateway == next_hop:
+            return _Hop(hop, f"from {peer} via {next_hop} ({where}, {pool_txt}) -> direct on {hop.device}", "direct",
+                        False, False)
+        return _Hop(hop, f"from {peer} via {next_hop} ({where}, {pool_txt}) -> recursive via underlay gateway "
+                         f"{hop.gateway} on {hop.device}", "recursive", False, True)
+
+    for prefix in sorted(learned, key=_addr_key):
         if prefix in local:
             continue
+        pool = pool_of(prefix)
+        holders = learned[prefix]
+        if len(holders) > 1:
+            holders = sorted(holders, key=lambda t: (t[1], t[0]))
         hops: set[NextHop] = set()
         reasons: list[str] = []
         uses_tunnel = False
         shapes: set[str] = set()
-        pool = pool_for(prefix, pools)
-        if pool is None:
-            for peer, next_hop in sorted(learned[prefix], key=lambda t: (t[1], t[0])):
-                hop, why = _external_hop(peer, next_hop, (external or {}).get(peer), facts)
-                if hop is None:
-                    unusable.setdefault(prefix, []).append((peer, why))
-                    continue
-                hops.add(hop)
-                shapes.add("recursive" if hop.gateway != next_hop else "direct")
-                reasons.append(f"from {peer} via {next_hop} (no pool: external route, metric {external_metric}) "
-                               f"-> {why}")
-            if hops:
-                routes[prefix] = Route(prefix, "unicast", tuple(sorted(hops)), metric=external_metric,
-                                       why="; ".join(reasons) + (" [ECMP]" if len(hops) > 1 else ""),
-                                       shape=_shape(hops, shapes))
-            continue
-        for peer, next_hop in sorted(learned[prefix], key=lambda t: (t[1], t[0])):
-            same = next_hop in facts.network
-            mode = pool.ipip_mode
-            where = "same subnet" if same else "another subnet"
-            pool_txt = f"pool {pool.cidr} ipipMode {mode.value}"
-            if mode is IPIPMode.ALWAYS or (mode is IPIPMode.CROSS_SUBNET and not same):
-                hops.add(NextHop(next_hop, tunnel_device, onlink=True))
-                uses_tunnel = True
-                shapes.add("ipip")
-                reasons.append(f"from {peer} via {next_hop} ({where}, {pool_txt}) -> IPIP via {tunnel_device}")
+        for peer, next_hop in holders:
+            k = (id(pool), peer, next_hop)
+            h = hop_of.get(k)
+            if h is None:
+                h = hop_of[k] = one_hop(pool, peer, next_hop)
+            if h.hop is None:
+                unusable.setdefault(prefix, []).append((peer, h.why))
                 continue
-            hop = resolve_underlay(next_hop, facts)
-            if hop is None:
-                why = (f"next hop {next_hop} is in another subnet and not routed by the underlay ({pool_txt}): "
-                       "unreachable")
-                unusable.setdefault(prefix, []).append((peer, why))
-                continue
-            hops.add(hop)
-            shapes.add("recursive" if hop.gateway != next_hop else "direct")
-            if hop.gateway == next_hop:
-                reasons.append(f"from {peer} via {next_hop} ({where}, {pool_txt}) -> direct on {hop.device}")
-            else:
-                reasons.append(f"from {peer} via {next_hop} ({where}, {pool_txt}) -> recursive via underlay "
-                               f"gateway {hop.gateway} on {hop.device}")
+            hops.add(h.hop)
+            shapes.add(h.shape)
+            reasons.append(h.why)
+            uses_tunnel |= h.tunnel
+            if h.warn:
+                assert pool is not None
                 warnings.setdefault(prefix, []).append(
                     f"{prefix} from {peer}: ipipMode Never and {next_hop} is in another subnet: sent to underlay "
-                    f"gateway {hop.gateway}, reachable only if it routes pod CIDRs")
+                    f"gateway {h.hop.gateway}, reachable only if it routes pod CIDRs")
         if not hops:
             continue
-        routes[prefix] = Route(prefix, "unicast", tuple(sorted(hops)),
-                               mtu=tunnel_mtu if uses_tunnel else None,
-                               why="; ".join(reasons) + (" [ECMP]" if len(hops) > 1 else ""),
-                               shape=_shape(hops, shapes))
+        why = reasons[0] if len(reasons) == 1 else "; ".join(reasons) + (" [ECMP]" if len(hops) > 1 else "")
+        if pool is None:
+            routes[prefix] = Route(prefix, "unicast", tuple(sorted(hops)), metric=external_metric, why=why,
+                                   shape=_shape(hops, shapes))
+        else:
+            routes[prefix] = Route(prefix, "unicast", tuple(sorted(hops)), mtu=tunnel_mtu if uses_tunnel else None,
+                                   why=why, shape=_shape(hops, shapes))
     return RoutePlan(routes, tunnel_needed, tunnel_mtu, tuple(w for p in sorted(warnings) for w in warnings[p]),
                      {p: tuple(ws) for p, ws in warnings.items()}, {p: tuple(u) for p, u in unusable.items()})
+
+
+@dataclass(frozen=True)
+class _Hop:
+    """What one (pool, peer, next hop) gives a prefix: its hop (None: unusable, `why` says why), the
+    reason text, the route shape, whether it goes through the tunnel, whether it warns (ipipMode Never
+    through an underlay gateway)."""
+
+    hop: NextHop | None
+    why: str
+    shape: str
+    tunnel: bool
+    warn: bool
+
+
+def _addr_key(p: ipaddress.IPv4Network) -> tuple[int, int]:
+    return int(p.network_address), p.prefixlen
+
+
+class _PoolLookup:
+    """pool_for as integer comparisons over the enabled pools, most specific first."""
+
+    def __init__(self, pools: Iterable[Pool]) -> None:
+        enabled = sorted((p for p in pools if not p.disabled), key=lambda p: -p.cidr.prefixlen)
+        self._spans = [(int(p.cidr.network_address), int(p.cidr.broadcast_address), p) for p in enabled]
+
+    def __call__(self, prefix: ipaddress.IPv4Network) -> Pool | None:
+        lo = int(prefix.network_address)
+        hi = lo | (0xFFFFFFFF >> prefix.prefixlen)
+        for plo, phi, p in self._spans:
+            if plo <= lo and hi <= phi:
+                return p
+        return None
 
 
 def unusable_lines(unusable: Mapping[ipaddress.IPv4Network, Iterable[tuple[str, str]]]) -> list[str]:

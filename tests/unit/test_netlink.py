@@ -66,3 +66,36 @@ def test_the_monitor_socket_never_blocks() -> None:
         assert time.monotonic() - t0 < 0.2
     finally:
         s.close()
+
+
+def _flags(sent: bytes) -> list[tuple[int, int]]:
+    out, off = [], 0
+    while off < len(sent):
+        ln, _typ, fl, seq, _pid = struct.unpack_from("=IHHII", sent, off)
+        out.append((seq, fl & nl.NLM_F_ACK))
+        off += ln
+    return out
+
+
+def test_errors_only_asks_one_ack_per_send_and_reports_the_refusals() -> None:
+    """Only the last request of each send asks for an ack; a refusal comes whatever the flags; the last
+    one's answer closes the send: the requests not refused before it went through."""
+    msgs = [(nl.header(24, nl.NLM_F_ACK, s, b"x" * 12), s, f"op{s}") for s in range(1, 7)]
+    sock = SilentKernel([ack(2, errno.EEXIST), ack(3), ack(5, errno.ENODEV) + ack(6)])
+    errs = nl.pipeline(sock, msgs, chunk=3 * 28, errors_only=True)  # type: ignore[arg-type]
+    assert errs == [("op2", errno.EEXIST), ("op5", errno.ENODEV)]
+    assert [_flags(s) for s in sock.sent] == [[(1, 0), (2, 0), (3, nl.NLM_F_ACK)], [(4, 0), (5, 0), (6, nl.NLM_F_ACK)]]
+
+
+def test_errors_only_a_refused_last_request_closes_the_send_too() -> None:
+    msgs = [(nl.header(24, 0, s, b"x" * 12), s, f"op{s}") for s in range(1, 4)]
+    sock = SilentKernel([ack(3, errno.EINVAL)])
+    assert nl.pipeline(sock, msgs, errors_only=True) == [("op3", errno.EINVAL)]  # type: ignore[arg-type]
+
+
+def test_errors_only_unanswered_requests_are_timed_out_not_assumed_written() -> None:
+    msgs = [(nl.header(24, nl.NLM_F_ACK, s, b"x" * 12), s, f"op{s}") for s in range(1, 5)]
+    sock = SilentKernel([ack(2, errno.EEXIST)])  # then nothing: not even the last request's ack
+    errs = nl.pipeline(sock, msgs, errors_only=True)  # type: ignore[arg-type]
+    assert errs == [("op2", errno.EEXIST), ("op1", errno.ETIMEDOUT), ("op3", errno.ETIMEDOUT),
+                    ("op4", errno.ETIMEDOUT)]
