@@ -13,7 +13,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from bgp.attributes import PathAttributes, from_exabgp
-from bgp.prefix import Prefix
+from bgp.prefix import Address, Prefix
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ def _parse(doc: dict[str, Any], text: str) -> Message:
         update = message["update"]
         announced: list[tuple[IPv4Address, tuple[IPv4Network, ...]]] = []
         for nh, routes in update.get("announce", {}).get(_FAMILY, {}).items():
-            announced.append((IPv4Address(nh), tuple(Prefix(r["nlri"]) for r in routes)))
+            announced.append((Address(nh), tuple(Prefix(r["nlri"]) for r in routes)))
         withdrawn = tuple(Prefix(r["nlri"]) for r in update.get("withdraw", {}).get(_FAMILY, []))
         raw = dict(update.get("attribute", {}))
         return UpdateMsg(peer, tuple(announced), withdrawn, False, raw, _path(raw) if announced else PathAttributes())

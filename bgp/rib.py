@@ -140,6 +140,16 @@ class Rib:
         """Who holds one prefix (stale included): {(peer, next hop)}. O(peers), for per-change work."""
         return {(name, r.next_hop) for name, p in self._peers.items() if (r := p.routes.get(prefix)) is not None}
 
+    def holders_of(self, prefixes: Iterable[IPv4Network]) -> dict[IPv4Network, set[tuple[str, IPv4Address]]]:
+        """holders() of many prefixes at once (those some peer holds): one call for a bulk change."""
+        peers = [(name, p.routes) for name, p in self._peers.items()]
+        out: dict[IPv4Network, set[tuple[str, IPv4Address]]] = {}
+        for prefix in prefixes:
+            h = {(name, r.next_hop) for name, routes in peers if (r := routes.get(prefix)) is not None}
+            if h:
+                out[prefix] = h
+        return out
+
     def prefixes(self) -> list[IPv4Network]:
         """Every prefix some peer holds (stale included)."""
         out: set[IPv4Network] = set()

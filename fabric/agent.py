@@ -15,6 +15,7 @@ graceful-restart time and our next start adopts them (fabric.lifecycle).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
@@ -45,6 +46,13 @@ from ipip.reconcile import Backoff
 log = logging.getLogger("fabric.agent")
 
 STATUS_INTERVAL = 1.0  # seconds between status file writes at most
+# ... and at least this many times the last write's duration: the document is O(routes) (10,000 routes:
+# a few tenths of a second in the lab kernel), so status writing takes at most ~1/STATUS_SHARE of the
+# agent's time while routes change, e.g. during a bulk import it would otherwise slow down
+STATUS_SHARE = 10
+# While the routes stage is writing (a run in progress or due), a status write waits for the gap between
+# runs, up to this many seconds since the last write: routes reach the kernel first, the document after.
+STATUS_DEFER_MAX = 5.0
 WAITING_FOR_SOURCE = "waiting for the first complete list from the Kubernetes API; the dataplane is left as it is"
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
 MONITOR_RCVBUF = 8 << 20  # a burst of other owners' route changes (a peer daemon's full table) fits
@@ -118,8 +126,12 @@ class Agent:
         self._monitor: Any = None
         self._monitor_filtered = False
         self._status_at = 0.0
+        self._status_cost = 0.0  # seconds the last status write took
+        self._status_routes: dict[Any, tuple[Any, str, dict[str, Any]]] = {}  # prefix -> (route, its key, view)
+        self._status_learned: dict[Any, tuple[Any, str, list[Any]]] = {}  # prefix -> (what it was from, key, rows)
         self._status_handle: asyncio.TimerHandle | None = None
         self._bad_objects: dict[str, dict[tuple[str, str], str]] = {}  # per stage, as last reported
+        self._status_late: asyncio.TimerHandle | None = None  # a deferred write's latest time
         self._stall_handle: asyncio.TimerHandle | None = None
         self._hold_timer: asyncio.TimerHandle | None = None
         self._last_phase: Phase | None = None
@@ -182,6 +194,9 @@ class Agent:
             self.health = HealthServer(self.cfg.health.listen, self._health)
             await self.health.start()
         self._update_lifecycle()
+        # Everything allocated so far lives as long as the agent (modules, clients, config): out of the
+        # cyclic GC's reach, so its collections during a bulk route change don't scan it again and again.
+        gc.freeze()
         try:
             await self.runner.run(self._stop)
         finally:
@@ -206,7 +221,7 @@ class Agent:
             self.source.stop(loop)
         if self.runner is not None:
             await self.runner.stop()
-        self._write_status()
+        self._write_status(force=True)
 
     # ------------------------------------------------------------------------------------------
     def _start_source(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -521,9 +536,8 @@ class Agent:
             "peers": peers,
             "speaker": ({k: v for k, v in self.speaker.status().items() if k != "neighbors"}
                         if self.speaker is not None else None),
-            "routes": {str(d): {"kind": r.kind, "nexthops": [[str(h.gateway), h.device, h.onlink] for h in r.nexthops],
-                                "mtu": r.mtu, "metric": r.metric, "why": r.why} for d, r in routes.items()},
-            "learned": _learned(self.rib),
+            "routes": self._routes_view(routes),
+            "learned": self._learned_view(),
             "adoptedHold": lc.holding,
             "source": self.source.state() if self.source is not None and hasattr(self.source, "state") else None,
             "services": stages.get("services"),
@@ -532,21 +546,73 @@ class Agent:
             "errors": sorted(errors),
         }
 
+    def _routes_view(self, routes: dict[Any, Any]) -> dict[str, dict[str, Any]]:
+        """The status document's routes. A route's entry is rendered once and reused while the route
+        object is the same (the routes stage replaces a prefix's Route only when it changes)."""
+        old, cache, out = self._status_routes, {}, {}
+        for d, r in routes.items():
+            c = old.get(d)
+            if c is None or c[0] is not r:
+                c = (r, str(d), {"kind": r.kind, "nexthops": [[str(h.gateway), h.device, h.onlink] for h in r.nexthops],
+                                 "mtu": r.mtu, "metric": r.metric, "why": r.why})
+            cache[d] = c
+            out[c[1]] = c[2]
+        self._status_routes = cache
+        return out
+
+    def _learned_view(self) -> dict[str, list[list[Any]]]:
+        """_learned(rib), each prefix's rows rendered once while its holders and AS_PATHs stay the same."""
+        paths = self.rib.as_paths()
+        old, cache, out = self._status_learned, {}, {}
+        for p, holders in self.rib.routes().items():
+            src = frozenset((peer, nh, paths.get((peer, p))) for peer, nh in holders)
+            c = old.get(p)
+            if c is None or c[0] != src:
+                c = (src, str(p), _rows(p, holders, paths))
+            cache[p] = c
+            out[c[1]] = c[2]
+        self._status_learned = cache
+        return out
+
     def _schedule_status(self) -> None:
-        """At most one write per STATUS_INTERVAL (the document is O(routes)); a skipped write is done
-        at its deadline, so the file is never more than that much behind."""
+        """At most one write per STATUS_INTERVAL, and not sooner than STATUS_SHARE times the last write's
+        duration after it (the document is O(routes)); a skipped write is done at its deadline, so the file
+        is never more than that much behind."""
         if self._status_handle is not None or self._loop is None:
             return
-        delay = max(0.0, self._status_at + STATUS_INTERVAL - time.monotonic())
+        gap = max(STATUS_INTERVAL, STATUS_SHARE * self._status_cost)
+        delay = max(0.0, self._status_at + gap - time.monotonic())
         self._status_handle = self._loop.call_later(delay, self._write_status)
 
-    def _write_status(self) -> None:
-        self._status_handle = None
-        self._status_at = time.monotonic()
+    def _status_overdue(self) -> None:
+        self._status_late = None
+        self._write_status(force=True)
+
+    def _routes_busy(self) -> bool:
+        st = self.runner.states.get("routes") if self.runner is not None else None
+        return st is not None and (st.future is not None or st.woken)
+
+    def _write_status(self, force: bool = False) -> None:
+        if self._status_handle is not None:
+            self._status_handle.cancel()  # (this call's own handle, or one a forced write makes redundant)
+            self._status_handle = None
+        t0 = time.monotonic()
+        if not force and not self._stop.is_set() and self._routes_busy() and self._loop is not None:
+            wait = self._status_at + STATUS_DEFER_MAX - t0
+            if wait > 0:
+                # Routes being written: the routes result schedules the write again; at the latest in `wait`.
+                if self._status_late is None:
+                    self._status_late = self._loop.call_later(wait, self._status_overdue)
+                return
+        if self._status_late is not None:
+            self._status_late.cancel()
+            self._status_late = None
+        self._status_at = t0
         try:
             status_mod.write(self.run_dir, self.snapshot())
         except OSError as e:
             log.error("cannot write status: %s", e)
+        self._status_cost = time.monotonic() - t0
         # A run in progress produces no result to trigger a write: rewrite when it would count as stalled.
         if self.runner is not None and self._loop is not None and not self._stop.is_set():
             now = self.clock()
@@ -562,14 +628,15 @@ def _learned(rib: SharedRib) -> dict[str, list[list[Any]]]:
     """prefix -> [[peer, next hop], ...]; a route with an AS_PATH gets it as a third item (a list; an
     AS_SET as a list inside it), so `fabric plan` judges AS_PATH loops as the agent does."""
     paths = rib.as_paths()
-    out = {}
-    for p, holders in rib.routes().items():
-        rows = []
-        for peer, nh in sorted(holders):
-            path = paths.get((peer, p))
-            rows.append([peer, str(nh)] + ([[list(x) if isinstance(x, tuple) else x for x in path]] if path else []))
-        out[str(p)] = rows
-    return out
+    return {str(p): _rows(p, holders, paths) for p, holders in rib.routes().items()}
+
+
+def _rows(p: Any, holders: Any, paths: dict[tuple[str, Any], tuple]) -> list[list[Any]]:
+    rows = []
+    for peer, nh in sorted(holders):
+        path = paths.get((peer, p))
+        rows.append([peer, str(nh)] + ([[list(x) if isinstance(x, tuple) else x for x in path]] if path else []))
+    return rows
 
 
 class _ThreadSourceAdapter:

@@ -51,9 +51,12 @@ class RouteState:
 
     def update(self, inputs: RouteInputs, nodes: Mapping[str, NodeInfo], *, dirty: set[Prefix] | None,
                all_routes: Callable[[], Mapping[Prefix, Holders]], holders: Callable[[Prefix], Holders],
-               attrs: AttrsOf | None = None) -> tuple[set[Prefix] | None, list[Any]]:
+               attrs: AttrsOf | None = None,
+               holders_of: Callable[[Iterable[Prefix]], Mapping[Prefix, Holders]] | None = None
+               ) -> tuple[set[Prefix] | None, list[Any]]:
         """Bring `routes` up to date. `dirty`: prefixes BGP changed since the last update (None: unknown,
-        recompute everything). Returns (the prefixes to diff — None means all — and new rejections)."""
+        recompute everything). Returns (the prefixes to diff — None means all — and new rejections).
+        `holders_of`: holders() of many prefixes in one call (a bulk change: one lock, not one each)."""
         full = dirty is None or inputs != self.inputs or inputs.per_peer_limits
         kinds = dict(inputs.kinds)
         nets = (inputs.facts.network,)
@@ -71,24 +74,25 @@ class RouteState:
         assert dirty is not None
         if not dirty:
             return set(), []
-        raw = {p: h for p in dirty if (h := holders(p))}
+        raw = dict(holders_of(dirty)) if holders_of is not None else {p: h for p in dirty if (h := holders(p))}
         learned, fresh = self.import_filter.filter(raw, kinds, nodes, inputs.pod_cidrs, inputs.ibgp, only=dirty,
                                                    node_networks=nets, attrs=attrs)
         plan = desired_routes(learned=learned, **model)
+        routes, new = self.routes, plan.routes
         for p in dirty:
-            if p in plan.routes:
-                self.routes[p] = plan.routes[p]
+            r = new.get(p)
+            if r is not None:
+                routes[p] = r
             else:
-                self.routes.pop(p, None)
-            if p in plan.prefix_warnings:
-                self.warnings[p] = plan.prefix_warnings[p]
-            else:
-                self.warnings.pop(p, None)
-            if p in plan.unusable:
-                self.unusable[p] = plan.unusable[p]
-            else:
-                self.unusable.pop(p, None)
-        return set(dirty), fresh
+                routes.pop(p, None)
+        for mine, theirs in ((self.warnings, plan.prefix_warnings), (self.unusable, plan.unusable)):
+            if mine or theirs:  # usually both empty: no pass over the dirty set
+                for p in dirty:
+                    if p in theirs:
+                        mine[p] = theirs[p]  # type: ignore[index]
+                    else:
+                        mine.pop(p, None)
+        return dirty if isinstance(dirty, set) else set(dirty), fresh
 
     def warning_lines(self) -> list[str]:
         """The route model's warnings (unusable next hops are summarised apart: fabric.rejections)."""

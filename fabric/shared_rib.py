@@ -40,6 +40,10 @@ class SharedRib:
         with self._lock:
             return self._rib.holders(prefix)
 
+    def holders_of(self, prefixes: Iterable[IPv4Network]) -> dict[IPv4Network, set[tuple[str, IPv4Address]]]:
+        with self._lock:
+            return self._rib.holders_of(prefixes)
+
     def attrs(self, peer: str, prefixes: Iterable[IPv4Network]) -> dict[IPv4Network, PathAttributes | None]:
         with self._lock:
             return self._rib.attrs(peer, prefixes)

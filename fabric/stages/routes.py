@@ -270,7 +270,8 @@ class RoutesStage(Stage):
         rib = self.agent.rib
         with self._lock:
             touched, rejections = self.state.update(inputs, nodes, dirty=None if dirty is None else set(dirty),
-                                                    all_routes=rib.routes, holders=rib.holders, attrs=rib.attrs)
+                                                    all_routes=rib.routes, holders=rib.holders, attrs=rib.attrs,
+                                                    holders_of=getattr(rib, "holders_of", None))
             routes = self.state.routes
             adopted = self.adopted if p.holding else {}
             if touched is None:

@@ -310,3 +310,40 @@ def test_a_route_reflector_node_reflects_and_withdraws_per_change(tmp_path: Path
         await until("withdrawn", lambda: N("10.244.2.0/24") not in h.speaker.announced)
 
     run_agent(h.agent(), body)
+
+
+def test_status_waits_while_routes_are_written_up_to_its_bound(tmp_path: Path, monkeypatch: Any) -> None:
+    """The status document is O(routes): while the routes stage writes, a due status write waits for the
+    gap between runs, but never longer than STATUS_DEFER_MAX after the last write."""
+    import threading
+
+    from fabric import agent as agent_mod
+
+    monkeypatch.setattr(agent_mod, "STATUS_DEFER_MAX", 3.0)
+    cluster(tmp_path / "cluster.yaml")
+    h = Harness(tmp_path)
+    status_file = tmp_path / "run" / "status.json"
+
+    def updated() -> float | None:
+        try:
+            return json.loads(status_file.read_text())["updated"]
+        except (OSError, ValueError):
+            return None
+
+    async def body(agent: Agent) -> None:
+        await until("routes applied and status written",
+                    lambda: agent.routes_stage is not None and agent.routes_stage.applied and updated(), timeout=5)
+        h.kernel.hang = threading.Event()
+        h.kernel.hang.set()
+        learn(agent, "a2", "10.0.1.12", "10.244.2.0/24")  # the routes run that takes it blocks in the kernel
+        await until("routes run in progress", lambda: agent.runner.states["routes"].future is not None)
+        await asyncio.sleep(0.2)
+        u0 = updated()
+        agent._schedule_status()  # a write due within STATUS_INTERVAL (as a stage result would ask)
+        await asyncio.sleep(1.5)
+        assert updated() == u0  # deferred while the routes run goes on
+        await until("written at the latest STATUS_DEFER_MAX after the last write", lambda: updated() != u0, timeout=4)
+        h.kernel.hang.clear()
+        await until("route", lambda: "10.244.2.0/24" in h.ours())
+
+    run_agent(h.agent(), body)

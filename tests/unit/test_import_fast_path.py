@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from bgp.attributes import PathAttributes
 from bgp.policy import ExternalImportPolicy, MeshImportPolicy, Reason, _covered, _path_text, own_asn_count
-from bgp.prefix import Prefix
+from bgp.prefix import Address, Prefix
 from fabric.config import IPIPMode, Pool, PrefixFilter
 from ipip.model import (NextHop, NodeFacts, PeerRouting, Route, RoutePlan, UnderlayRoute, _external_hop, _shape,
                         desired_routes, pool_for, resolve_underlay)
@@ -235,3 +235,11 @@ def test_a_prefix_is_an_ipv4network_with_the_same_hash(p) -> None:
     assert q == p and p == q and hash(q) == hash(p) and {p: 1}[q] == 1 and str(q) == str(p)
     assert not q < p and not p < q and q.subnet_of(p)
     assert Prefix((int(p.network_address), p.prefixlen)) == p
+
+
+@given(a=addrs)
+def test_an_address_is_an_ipv4address_with_the_same_hash(a) -> None:
+    b = Address(str(a))
+    assert b == a and a == b and hash(b) == hash(a) and {a: 1}[b] == 1 and str(b) == str(a) and repr(b) == repr(a)
+    assert Address(int(a)) == a and not b < a and (b, "x") == (a, "x")
+    assert repr(Prefix("10.0.0.0/8")) == repr(N("10.0.0.0/8"))
