@@ -140,10 +140,11 @@ class RouteKernel:
         already gone is fine. Returns the refusals; never raises for one bad route."""
         msgs: list[tuple[bytes, int, tuple[str, Route]]] = []
         errors: list[OpError] = []
+        enc = rtnl.RouteEncoder(proto=self.proto, table=self.table, ifindex=ifindex)
         for op, route in ops:
             seq = self._seq.next()
             try:
-                msg = rtnl.encode_route(route, op=op, seq=seq, proto=self.proto, table=self.table, ifindex=ifindex)
+                msg = enc.encode(route, op=op, seq=seq)
             except KeyError:
                 errors.append(OpError(op, route, errno.ENODEV))
                 continue
