@@ -243,16 +243,19 @@ def one(kind: str, n: int, profile: Path | None = None) -> tuple[float, float]:
             spy.send_signal(2)
             spy.wait(30)
         if kind == "agent":
-            # How many syncs the agent needed (each one re-runs the import filter and model over every route).
-            def syncs() -> list[tuple[float, int]]:
+            # The agent's syncs: when each logged (after its write), how many routes, and its split
+            # (run seconds: desired state = RIB -> import filter -> route model -> reconciler; kernel = the sends).
+            def syncs() -> list[tuple[float, int, str]]:
                 log = (pair.dir / "agent.log").read_text(errors="replace")
-                found = [(datetime.strptime(ts, "%Y-%m-%d %H:%M:%S,%f").timestamp() - t0_wall, int(k)) for ts, k in
-                         re.findall(r"^(\S+ \S+) .*routes: \d+ deleted, (\d+) written", log, re.M)]
-                return [(t, k) for t, k in found if t > 0]
+                found = [(datetime.strptime(ts, "%Y-%m-%d %H:%M:%S,%f").timestamp() - t0_wall, int(k), split)
+                         for ts, k, split in re.findall(r"^(\S+ \S+) .*routes: \d+ deleted, (\d+) written.*?"
+                                                        r"(?:in ([\d.]+ s \(desired state [\d.]+ s, kernel [\d.]+) s\))?$",
+                                                        log, re.M)]
+                return [x for x in found if x[0] > 0]
             # the last sync logs after its write returns, i.e. just after the monitor saw its routes
-            wait(lambda: sum(k for _, k in syncs()) >= n, 10, "the agent to log its last sync")
-            print("  (agent: route syncs after the feed started, (seconds when logged, routes written): "
-                  + ", ".join(f"({t:.2f}, {k})" for t, k in syncs()) + ")")
+            wait(lambda: sum(k for _, k, _ in syncs()) >= n, 10, "the agent to log its last sync")
+            print("  (agent: route syncs after the feed started, (seconds when logged, routes written[, run split]): "
+                  + ", ".join(f"({t:.2f}, {k}" + (f", {sp} s" if sp else "") + ")" for t, k, sp in syncs()) + ")")
         if len(mon.seen) < n:
             print(f"  ({kind}: ip monitor saw {len(mon.seen)} of {n}; the kernel has all: last event time used)")
         times = sorted(mon.seen.values())

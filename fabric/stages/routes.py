@@ -25,6 +25,7 @@ import ipaddress
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -200,7 +201,7 @@ class RoutesStage(Stage):
         return view
 
     def run(self, inp: StageInput, p: RoutesPrep) -> StageResult:
-        now = inp.now
+        now, t0 = inp.now, time.monotonic()
         k = self._kernel(p.cfg)
         out = self.reconcile(inp, p)
         if isinstance(out, str):
@@ -212,7 +213,10 @@ class RoutesStage(Stage):
             self._forward_set = err is None
         self._tunnel(k, now, out.pods)
         ops = self.rec.plan(now)
-        refused = k.apply(ops.ops(), self.view.ifindex) if ops else []  # type: ignore[union-attr]
+        todo = ops.ops()
+        t2 = time.monotonic()
+        refused = k.apply(todo, self.view.ifindex) if todo else []  # type: ignore[union-attr]
+        t3 = time.monotonic()
         self.rec.record(ops, [(e.op, e.route, e.errno) for e in refused], now)
         # Each problem is logged when it starts or changes, not at every retry (status keeps the count).
         fails = self.rec.failures.items
@@ -222,10 +226,11 @@ class RoutesStage(Stage):
         for key, why in ops.conflicts.items():
             if self._new_problem(key, fails):
                 log.error("route %s: %s", key[0], why)
-        if len(refused) < len(ops.ops()) or (ops.conflicts and not all(fails[k].attempts > 1 for k in ops.conflicts)):
+        if len(refused) < len(todo) or (ops.conflicts and not all(fails[k].attempts > 1 for k in ops.conflicts)):
             conflicts = len(ops.conflicts) + sum(1 for e in refused if e.op == "create" and e.errno == errno.EEXIST)
-            log.info("routes: %d deleted, %d written, %d refused, %d conflict(s)", len(ops.delete), len(ops.write),
-                     len(refused), conflicts)
+            log.info("routes: %d deleted, %d written, %d refused, %d conflict(s) in %.3f s (desired state %.3f s, "
+                     "kernel %.3f s)", len(ops.delete), len(ops.write), len(refused), conflicts, time.monotonic() - t0,
+                     t2 - t0, t3 - t2)
         self.applied = True
         return self._result(now)
 
