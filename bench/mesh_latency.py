@@ -18,6 +18,14 @@ same load from whatever else runs on the machine:
 - **BIRD**: one BIRD 2 per node namespace, the same full iBGP mesh, kernel protocol exporting BGP
   routes. The event: `birdc enable evK` on node 1 (a static protocol holding the same prefix).
 
+`--reflectors R` (issue 12's scale run): the mesh off, R nodes (spread over both racks, never node 1)
+are route reflectors of one cluster — agents by the Node label bgp-fabric.io/route-reflector-cluster-id,
+BIRD by `rr client` / `rr cluster id` — and every other node peers with the reflectors only. It also
+prints memory (RSS of each node's processes: agent + ExaBGP, or bird) and the CPU each node spent per
+event, by role (reflector / client); `--bulk K` then has node 1 announce K more prefixes (/27s of
+10.244.128.0/17) and reports each role's RSS and CPU per 1,000 routes. `--memory` prints the memory
+table without reflectors too.
+
 Arrival is seen with one `ip monitor route` per node (event-driven, no polling). Reported: p50 / p90
 over the repetitions of "last node has it" (and of each node's arrival), ratio agents/BIRD. Then the
 idle CPU of each mesh: CPU seconds (utime+stime from /proc, all processes in the node namespaces)
@@ -43,6 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.kernel.meshlab import MeshLab, Node, sh, wait_for  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+RR_LABEL = "bgp-fabric.io/route-reflector-cluster-id"  # fabric.bgp_desired.RR_LABEL
+RR_CLUSTER = "10.0.0.100"
 
 
 def event_prefix(k: int) -> str:
@@ -74,6 +84,8 @@ class LatencyLab(MeshLab):
         doc = super().cluster_doc()
         for node in doc["nodes"]:
             node["podCIDRs"] += getattr(self, "extra", {}).get(node["name"], [])
+            if node["name"] in getattr(self, "reflectors", ()):
+                node["labels"] = {RR_LABEL: RR_CLUSTER}
         return doc
 
     def cluster_path(self, n: Node | None) -> Path:
@@ -96,6 +108,28 @@ class LatencyLab(MeshLab):
         doc["health"] = {"listen": None}
         doc["source"]["path"] = str(self.cluster_path(n).relative_to(self.workdir))
         self.config_path(n).write_text(yaml.safe_dump(doc))
+
+
+def reflector_names(nodes: list[Node], r: int) -> list[str]:
+    """R reflectors, alternately the last nodes of rack b and rack a (node 1, the event source, is a client)."""
+    racks = [[n.name for n in nodes if n.rack == rk][::-1] for rk in ("b", "a")]
+    out: list[str] = []
+    i = 0
+    while len(out) < r:
+        rack = racks[i % 2]
+        if i // 2 < len(rack) and rack[i // 2] != nodes[0].name:
+            out.append(rack[i // 2])
+        i += 1
+        if i > 2 * len(nodes):
+            raise SystemExit(f"--reflectors {r}: not enough nodes")
+    return out
+
+
+def bulk_prefixes(k: int) -> list[str]:
+    """K /27s of 10.244.128.0/17 (inside the pool; clear of the pod CIDRs and event prefixes)."""
+    if k > 1024:
+        raise SystemExit("--bulk: at most 1024")
+    return [f"10.244.{128 + i // 8}.{(i % 8) * 32}/27" for i in range(k)]
 
 
 class Monitors:
@@ -146,6 +180,40 @@ def cpu_seconds(ns: str) -> dict[str, float]:
                      or b"relay" in c), Path(cmd[0].decode()).name)
         out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
     return out
+
+
+def _role_name(cmd: list[bytes]) -> str:
+    return next((Path(c.decode()).name for c in cmd if b"fabric" in c or b"exabgp" in c or b"bird" in c
+                 or b"relay" in c), Path(cmd[0].decode()).name)
+
+
+def rss_mib(ns: str) -> dict[str, float]:
+    """Resident memory (VmRSS, MiB) of every process in a namespace, summed by command name."""
+    out: dict[str, float] = {}
+    for pid in sh(f"ip netns pids {ns}", check=False).stdout.split():
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        kib = next((int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmRSS:")), 0)
+        name = _role_name(cmd)
+        if name == "ip":  # the bench's own `ip monitor`
+            continue
+        out[name] = out.get(name, 0.0) + kib / 1024
+    return out
+
+
+def node_cpu(nodes: list[Node]) -> dict[str, float]:
+    """CPU seconds so far of each node (every process in its namespace but the bench's `ip monitor`)."""
+    return {n.name: sum(v for k, v in cpu_seconds(n.ns).items() if k != "ip") for n in nodes}  # not `ip monitor`
+
+
+def by_role(values: dict[str, float], reflectors: list[str]) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {"reflector": [], "client" if reflectors else "node": []}
+    for name, v in values.items():
+        out["reflector" if name in reflectors else ("client" if reflectors else "node")].append(v)
+    return {k: v for k, v in out.items() if v}
 
 
 def idle_cpu(nodes: list[Node], seconds: float) -> tuple[dict[str, float], float]:
@@ -208,10 +276,15 @@ def measure_one(lab: MeshLab, mon: Monitors, k: int, trigger, untrigger, res: di
 class AgentMesh:
     name = "agents"
 
-    def __init__(self, n: int, reps: int, trigger: str) -> None:
-        self.lab = LatencyLab(make_nodes(n, "agent"), hold_time=30, gr_time=60)
+    def __init__(self, n: int, reps: int, trigger: str, reflectors: int = 0) -> None:
+        nodes = make_nodes(n, "agent")
+        self.reflectors = reflector_names(nodes, reflectors)
+        self.lab = LatencyLab(nodes, hold_time=30, gr_time=60,
+                              agent_overrides=(lambda _n: {"cluster": {"mesh": False}}) if reflectors else None)
         self.lab.extra, self.lab.trigger = {}, trigger
+        self.lab.reflectors = self.reflectors  # type: ignore[attr-defined]
         self.mon: Monitors | None = None
+        self.proto = "80"
 
     def start(self) -> None:
         self.lab.build().start()
@@ -229,6 +302,15 @@ class AgentMesh:
     def untrigger(self, k: int) -> None:
         self.lab.extra = {}
         self.lab.write_cluster(only=self.lab.nodes[0])
+
+    def bulk(self, prefixes: list[str]) -> None:
+        self.lab.extra = {self.lab.nodes[0].name: prefixes}
+        self.lab.write_cluster(only=self.lab.nodes[0])
+
+    def session_drops(self) -> int:
+        """Sessions that went down while the bench ran (the agents' logs): none should, or numbers suffer."""
+        return sum((self.lab.workdir / f"{n.name}.log").read_text(errors="replace").count(") down: ")
+                   for n in self.lab.nodes if (self.lab.workdir / f"{n.name}.log").exists())
 
     def dump(self) -> None:
         for node in self.lab.nodes:
@@ -260,11 +342,30 @@ template bgp mesh {{
 class BirdMesh:
     name = "bird"
 
-    def __init__(self, n: int, reps: int) -> None:
+    def __init__(self, n: int, reps: int, reflectors: int = 0, bulk: int = 0) -> None:
         self.lab = MeshLab(make_nodes(n, "bird"))
         self.reps = reps
         self.mon: Monitors | None = None
         self.socks: dict[str, Path] = {}
+        self.reflectors = reflector_names(self.lab.nodes, reflectors)
+        self.bulk_n = bulk
+        self.proto = "bird"
+
+    def _neighbors(self, node: Node) -> str:
+        """Full mesh; with reflectors: a reflector peers with every node (the others are its clients, other
+        reflectors are not) and passes BGP routes on with their next hop; a client peers with the reflectors."""
+        others = [m for m in self.lab.nodes if m is not node]
+        if not self.reflectors:
+            return "".join(f"protocol bgp {m.name} from mesh {{ neighbor {m.address} as 64512; }}\n" for m in others)
+        if node.name not in self.reflectors:
+            return "".join(f"protocol bgp {m.name} from mesh {{ neighbor {m.address} as 64512; }}\n"
+                           for m in others if m.name in self.reflectors)
+        template = (f"template bgp rrt {{\n  local {node.address} as 64512;\n  rr cluster id {RR_CLUSTER};\n"
+                    "  ipv4 { import all; export filter { if source = RTS_STATIC || source = RTS_BGP then accept; "
+                    "reject; }; };\n}\n")
+        return template + "".join(
+            f"protocol bgp {m.name} from rrt {{ neighbor {m.address} as 64512;"
+            f"{'' if m.name in self.reflectors else ' rr client;'} }}\n" for m in others)
 
     def start(self) -> None:
         lab = self.lab
@@ -272,8 +373,10 @@ class BirdMesh:
         for i, node in enumerate(lab.nodes):
             events = "".join(f"protocol static ev{k} {{ disabled; ipv4; route {event_prefix(k)} blackhole; }}\n"
                              for k in range(self.reps)) if i == 0 else ""
-            neighbors = "".join(f"protocol bgp {m.name} from mesh {{ neighbor {m.address} as 64512; }}\n"
-                                for m in lab.nodes if m is not node)
+            if i == 0 and self.bulk_n:
+                events += ("protocol static bulk { disabled; ipv4; "
+                           + "".join(f"route {p} blackhole; " for p in bulk_prefixes(self.bulk_n)) + "}\n")
+            neighbors = self._neighbors(node)
             conf = lab.workdir / f"{node.name}.bird.conf"
             conf.write_text(BIRD_CONF.format(me=node.address, pod=node.pod_cidr, events=events, neighbors=neighbors))
             self.socks[node.name] = lab.workdir / f"{node.name}.ctl"
@@ -300,6 +403,9 @@ class BirdMesh:
 
     def untrigger(self, k: int) -> None:
         self._birdc("disable", f"ev{k}")
+
+    def bulk(self, prefixes: list[str]) -> None:
+        self._birdc("enable", "bulk")
 
     def dump(self) -> None:
         pass
@@ -329,10 +435,17 @@ def main() -> int:
     ap.add_argument("--only", default="bird,agents")
     ap.add_argument("--trigger", choices=("local", "shared"), default="local",
                     help="agents: node 1's own cluster file changes (local), or one file all agents read (shared)")
+    ap.add_argument("--reflectors", type=int, default=0,
+                    help="mesh off: this many route reflectors (one cluster), every other node their client")
+    ap.add_argument("--bulk", type=int, default=0,
+                    help="then node 1 announces this many more prefixes: RSS and CPU per 1,000 routes by role")
+    ap.add_argument("--memory", action="store_true", help="print RSS by role (always with --reflectors)")
     a = ap.parse_args()
     kinds = a.only.split(",")
-    meshes = [m for m in (BirdMesh(a.nodes, a.reps) if "bird" in kinds else None,
-                          AgentMesh(a.nodes, a.reps, a.trigger) if "agents" in kinds else None) if m is not None]
+    meshes = [m for m in (BirdMesh(a.nodes, a.reps, a.reflectors, a.bulk) if "bird" in kinds else None,
+                          AgentMesh(a.nodes, a.reps, a.trigger, a.reflectors) if "agents" in kinds else None)
+              if m is not None]
+    extra: dict[str, dict] = {m.name: {} for m in meshes}  # --reflectors/--memory/--bulk: by-role numbers
     results: dict[str, dict[str, list[float]]] = {m.name: {k: [] for k in ("add_all", "add_each", "del_all", "src",
                                                                             "src_to_all")} for m in meshes}
     cpu: dict[str, tuple[dict, float]] = {}
@@ -340,10 +453,11 @@ def main() -> int:
         for m in meshes:  # both meshes live in the lab kernel at once: events alternate, same load for both
             m.start()
         for m in meshes:
-            wait_for(m.converged, 300, f"the {m.name} mesh to converge", step=0.5)
+            wait_for(m.converged, max(300, 8 * a.nodes), f"the {m.name} mesh to converge", step=0.5)
         time.sleep(3)
         for m in meshes:
             m.watch()
+        ev_cpu0 = {m.name: node_cpu(m.lab.nodes) for m in meshes}
         for k in range(a.reps):
             for m in (meshes if k % 2 == 0 else meshes[::-1]):
                 try:
@@ -352,7 +466,23 @@ def main() -> int:
                     m.dump()
                     raise
         for m in meshes:
+            c1 = node_cpu(m.lab.nodes)
+            extra[m.name]["event_cpu"] = {n: (c1[n] - c0) / a.reps for n, c0 in ev_cpu0[m.name].items()}
+            if a.reflectors or a.memory:
+                extra[m.name]["rss"] = {n.name: rss_mib(n.ns) for n in m.lab.nodes}
+        for m in meshes:
+            c0 = node_cpu(m.lab.nodes)
+            t0 = time.monotonic()
             cpu[m.name] = idle_cpu(m.lab.nodes, a.idle)
+            c1, dt = node_cpu(m.lab.nodes), time.monotonic() - t0
+            extra[m.name]["idle_share"] = {n: (c1[n] - c0[n]) / dt for n in c0}
+            if hasattr(m, "session_drops"):
+                extra[m.name]["drops_before_bulk"] = m.session_drops()
+        if a.bulk:
+            for m in meshes:
+                extra[m.name]["bulk"] = measure_bulk(m, bulk_prefixes(a.bulk))
+                if hasattr(m, "session_drops"):
+                    extra[m.name]["drops"] = m.session_drops()
     finally:
         for m in meshes:
             m.close()
@@ -374,7 +504,88 @@ def main() -> int:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(c.items(), key=lambda kv: -kv[1])) or "none"
         print(f"  {kind:7s} total {sum(c.values()):.2f} s = {100 * share:.1f}% of one CPU, "
               f"{100 * share / a.nodes:.2f}% per node  ({parts})")
+    if a.reflectors or a.memory or a.bulk:
+        print_roles(meshes, extra, a)
     return 0
+
+
+def measure_bulk(m, prefixes: list[str]) -> dict:
+    """Node 1 announces len(prefixes) more: per node the RSS and CPU it took to have them all."""
+    lab = m.lab
+    others = lab.nodes[1:]
+    rss0 = {n.name: rss_mib(n.ns) for n in lab.nodes}
+    cpu0 = node_cpu(lab.nodes)
+    t0 = time.monotonic()
+    m.bulk(prefixes)
+
+    def have_all() -> bool:
+        return all(sh(f"ip -n {n.ns} route show proto {m.proto}").stdout.count("/27 ") >= len(prefixes)
+                   for n in others)
+    took = wait_for(have_all, 600, f"{len(prefixes)} prefixes at every {m.name} node", step=1.0)
+    time.sleep(3)  # let the senders finish (acks, status writes) before reading CPU and memory
+    cpu1 = node_cpu(lab.nodes)
+    rss1 = {n.name: rss_mib(n.ns) for n in lab.nodes}
+    by_proc = {n: {k: v - rss0[n].get(k, 0.0) for k, v in rss1[n].items()} for n in rss0}
+    return {"seconds": took, "routes": len(prefixes), "rss": {n: sum(v.values()) for n, v in by_proc.items()},
+            "rss_by_proc": by_proc,
+            "cpu": {n: cpu1[n] - cpu0[n] for n in cpu0}, "source": lab.nodes[0].name}
+
+
+NAMES = {"rss": "RSS", "event_cpu": "CPU/event", "idle_share": "idle CPU", "bulk_rss": "RSS/1k routes",
+         "bulk_cpu": "CPU/1k routes"}
+
+
+def print_roles(meshes: list, extra: dict[str, dict], a: argparse.Namespace) -> None:
+    """Per node, by role: memory, CPU per event, idle CPU; with --bulk the cost per 1,000 routes."""
+    mean = statistics.mean
+    print(f"by role ({a.reflectors} reflector(s), {a.nodes - a.reflectors} {'clients' if a.reflectors else 'nodes'}"
+          f"; node 1, the event source, is a client): mean per node [max]")
+    table: dict[tuple[str, str, str], float] = {}
+    for m in meshes:
+        e = extra[m.name]
+        refl = m.reflectors
+        if "rss" in e:
+            per_node = {n: sum(v.values()) for n, v in e["rss"].items()}
+            for role, vals in by_role(per_node, refl).items():
+                names = [n for n in e["rss"] if (n in refl) == (role == "reflector")]
+                parts: dict[str, float] = {}
+                for n in names:
+                    for proc, v in e["rss"][n].items():
+                        parts[proc] = parts.get(proc, 0.0) + v / len(names)
+                split = ", ".join(f"{k} {v:.1f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
+                table[(m.name, role, "rss")] = mean(vals)
+                print(f"  {m.name:7s} {role:9s} RSS {mean(vals):7.1f} MiB [{max(vals):.1f}]  ({split})")
+        for key, label, scale, unit in (("event_cpu", "CPU per event (announce + withdraw)", 1e3, "ms"),
+                                        ("idle_share", "idle CPU", 100.0, "% of a CPU")):
+            for role, vals in by_role(e[key], refl).items():
+                table[(m.name, role, key)] = mean(vals)
+                print(f"  {m.name:7s} {role:9s} {label}: {mean(vals) * scale:.2f} {unit} [{max(vals) * scale:.2f}]")
+        if "bulk" in e:
+            b = e["bulk"]
+            k = b["routes"] / 1000
+            print(f"  {m.name:7s} {b['routes']} more prefixes from node 1 at every node after {b['seconds']:.1f} s")
+            for key, label, unit in (("rss", "RSS", "MiB"), ("cpu", "CPU", "CPU-s")):
+                vals = {n: v for n, v in b[key].items() if n != b["source"]}
+                for role, vs in by_role(vals, refl).items():
+                    table[(m.name, role, "bulk_" + key)] = mean(vs) / k
+                    split = ""
+                    if key == "rss":
+                        names = [n for n in vals if (n in refl) == (role == "reflector")]
+                        procs = {p for n in names for p in b["rss_by_proc"][n]}
+                        split = "  (" + ", ".join(f"{p} {mean(b['rss_by_proc'][n].get(p, 0.0) for n in names) / k:.2f}"
+                                                 for p in sorted(procs)) + ")"
+                    print(f"  {m.name:7s} {role:9s} {label} per 1,000 routes received: {mean(vs) / k:.2f} {unit} "
+                          f"[{max(vs) / k:.2f}]{split}")
+                print(f"  {m.name:7s} node 1    {label} per 1,000 routes announced: {b[key][b['source']] / k:.2f} {unit}")
+    for m in meshes:
+        if "drops_before_bulk" in extra[m.name]:
+            print(f"  {m.name}: BGP sessions that went down (agents' logs): {extra[m.name]['drops_before_bulk']} "
+                  f"before the bulk, {extra[m.name].get('drops', '-')} by its end")
+    if len(meshes) == 2:
+        print("  ratio agents/BIRD: " + "; ".join(
+            f"{role} {NAMES[key]} {table[('agents', role, key)] / table[('bird', role, key)]:.1f}x"
+            for (mesh, role, key) in table if mesh == "agents" and ("bird", role, key) in table
+            and table[("bird", role, key)] > 0))
 
 
 if __name__ == "__main__":

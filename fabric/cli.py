@@ -55,7 +55,7 @@ def _lab_kernel(args: argparse.Namespace) -> int:
             from fabric.lab import vm as labvm
 
             return labvm.run(command, timeout=args.timeout).returncode
-        return labkernel.run(command, timeout=args.timeout).returncode
+        return labkernel.run(command, timeout=args.timeout, mem=args.mem).returncode
     except labkernel.LabKernelError as e:
         print(f"lab kernel: {e}", file=sys.stderr)
         return 1
@@ -244,12 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     ksub.add_parser("status", help="does this kernel need the lab kernel; is its cache ready")
     ksub.add_parser("prepare", help="fetch and prepare the lab kernels this machine needs")
     kr = ksub.add_parser("run", help="boot the lab kernel once and run a command in it",
-                         usage="fabric lab-kernel run [--timeout S] [--backend {uml,vm}] -- COMMAND [ARG ...]")
+                         usage="fabric lab-kernel run [--timeout S] [--backend {uml,vm}] [--mem SIZE] -- COMMAND [ARG ...]")
     # Also accepted before `run` (older spelling: `lab-kernel --backend vm run -- CMD`).
     for parser, default in ((k, 1800.0), (kr, argparse.SUPPRESS)):
         parser.add_argument("--timeout", type=float, default=default, help="seconds before the kernel is killed")
         parser.add_argument("--backend", choices=["uml", "vm"], default="uml" if default == 1800.0 else default,
                             help="uml: user-mode Linux (default); vm: Debian's kernel in qemu, has IPv4 nftables NAT")
+    kr.add_argument("--mem", default="2G", metavar="SIZE",
+                    help="uml: the lab kernel's memory (default 2G; e.g. 6G for a 50-node bench)")
     kr.add_argument("command", nargs="*", metavar="COMMAND",
                     help="the command and its arguments, after -- (options after -- belong to the command)")
     k.set_defaults(func=_lab_kernel)

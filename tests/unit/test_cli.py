@@ -62,3 +62,12 @@ def test_lab_kernel_run_takes_its_options_before_the_command(monkeypatch: pytest
     assert seen == [(["python", "-m", "x", "--help"], 7.0), (["ip", "-br", "link"], 9.0)]
     assert cli.main(["lab-kernel", "run"]) == 2  # no command: a usage error, nothing boots
     assert len(seen) == 2
+
+
+def test_lab_kernel_run_mem_is_an_option_with_the_default_2g(monkeypatch: pytest.MonkeyPatch) -> None:
+    mems: list[str] = []
+    monkeypatch.setattr(labkernel, "run", lambda command, timeout, mem, **kw: mems.append(mem) or
+                        labkernel.RunResult(0, ""))
+    assert cli.main(["lab-kernel", "run", "--mem", "6G", "--", "true"]) == 0
+    assert cli.main(["lab-kernel", "run", "--", "true", "--mem", "1G"]) == 0  # after --: the command's
+    assert mems == ["6G", "2G"]
