@@ -273,8 +273,22 @@ def desired_routes(*, facts: NodeFacts, pools: list[Pool], local_pod_cidrs: Iter
             continue
         pool = pool_of(prefix)
         holders = learned[prefix]
-        if len(holders) > 1:
-            holders = sorted(holders, key=lambda t: (t[1], t[0]))
+        if len(holders) == 1:  # the common case, without the sets and lists ECMP needs
+            ((peer, next_hop),) = holders
+            k = (id(pool), peer, next_hop)
+            h = hop_of.get(k)
+            if h is None:
+                h = hop_of[k] = one_hop(pool, peer, next_hop)
+            if h.hop is None:
+                unusable[prefix] = [(peer, h.why)]
+                continue
+            if h.warn:
+                warnings[prefix] = [f"{prefix} from {peer}: ipipMode Never and {next_hop} is in another subnet: sent to "
+                                    f"underlay gateway {h.hop.gateway}, reachable only if it routes pod CIDRs"]
+            routes[prefix] = Route(prefix, "unicast", (h.hop,), mtu=tunnel_mtu if h.tunnel else None,
+                                   metric=external_metric if pool is None else 0, why=h.why, shape=h.shape)
+            continue
+        holders = sorted(holders, key=lambda t: (t[1], t[0]))
         hops: set[NextHop] = set()
         reasons: list[str] = []
         uses_tunnel = False

@@ -271,8 +271,10 @@ class RouteReconciler:
     def plan(self, now: float) -> RouteOps:
         """The operations due now: every pending key whose failure (if any) is due for a retry."""
         ops = RouteOps()
+        waiting = self.failures.items
         for k in self._pending:  # no sort: 10k IPv4Network comparisons cost more than the writes
-            if self.failures.waiting(k, now):
+            f = waiting.get(k)
+            if f is not None and f.retry_at > now:  # Failures.waiting, inline: once per pending key
                 continue
             d, a = self.desired.get(k), self.dataplane.get(k)
             if d is None:
@@ -294,19 +296,21 @@ class RouteReconciler:
         for k, why in ops.conflicts.items():
             self.failures.fail(k, why, now, conflict=True)
         for r in ops.delete:
-            e = bad.get(("delete", r.id))
+            k = r.id
+            e = bad.get(("delete", k)) if bad else None
             if e is None:
-                self._dp_pop(r.id)
-                self.shared.pop(r.id, None)
-                self._check(r.id)
+                self._dp_pop(k)
+                self.shared.pop(k, None)
+                self._check(k)
             else:
-                self.failures.fail(r.id, f"delete {r.text()}: {os.strerror(e)}", now)
+                self.failures.fail(k, f"delete {r.text()}: {os.strerror(e)}", now)
         for op, r in ops.write:
-            e = bad.get((op, r.id))
+            k = r.id
+            e = bad.get((op, k)) if bad else None
             if e is None:
-                self._dp_set(r.id, r)
-                self.foreign.pop(r.id, None)
-                self._check(r.id)
+                self._dp_set(k, r)
+                self.foreign.pop(k, None)
+                self._check(k)
             elif op == "create" and e == errno.EEXIST:
                 why = self.foreign.get(r.id) or "the kernel says a route exists at this key"
                 self.failures.fail(r.id, f"not written: another owner's route holds {r.dst} metric {r.metric} "

@@ -160,8 +160,11 @@ paths = st.sampled_from([(), (65000,), (64512,), (65000, 64512, 64512), (65000, 
 filters = st.one_of(st.none(), st.builds(
     lambda allow, deny, ml: PrefixFilter(allow=[str(p) for p in allow], deny=[str(p) for p in deny], max_length=ml),
     st.lists(prefixes(), max_size=3), st.lists(prefixes(), max_size=3), st.one_of(st.none(), st.integers(0, 32))))
+# pools: realistic ones (often holding the learned prefixes: nested, overlapping the node's subnet) or random
+pool_cidrs = st.one_of(st.sampled_from([N("10.244.0.0/16"), N("10.244.128.0/17"), N("10.245.0.0/16"), N("10.0.0.0/8"),
+                                        N("192.168.0.0/16")]), prefixes(lo=8))
 pools = st.lists(st.builds(lambda p, mode, off: Pool(cidr=str(p), ipip_mode=mode, disabled=off),
-                           prefixes(lo=8), st.sampled_from(list(IPIPMode)), st.booleans()), max_size=3)
+                           pool_cidrs, st.sampled_from(list(IPIPMode)), st.booleans()), max_size=3)
 
 
 @settings(max_examples=300, deadline=None)
@@ -212,7 +215,7 @@ hops = st.sampled_from([A("10.0.1.12"), A("10.0.1.11"), A("10.0.2.21"), A("192.1
 
 @settings(max_examples=300, deadline=None)
 @given(facts=st.sampled_from(FACTS), pl=pools, local=st.lists(prefixes(lo=16), max_size=2),
-       learned=st.dictionaries(prefixes(), st.sets(st.tuples(st.sampled_from(["a", "b", "tor", "rr"]), hops),
+       learned=st.dictionaries(st.one_of(prefixes(), prefixes(lo=16)), st.sets(st.tuples(st.sampled_from(["a", "b", "tor", "rr"]), hops),
                                                     min_size=1, max_size=3), max_size=25),
        nh=st.dictionaries(st.sampled_from(["tor", "rr"]),
                           st.builds(PeerRouting, hops, st.sampled_from(["connected", "peer", "any"]))),
