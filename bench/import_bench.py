@@ -271,6 +271,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=1, help="rounds; each runs every receiver once, in --only's order")
     ap.add_argument("--profile", type=Path, help="py-spy the agent (raw stacks per run into this folder)")
     a = ap.parse_args()
+    if a.profile is not None and not (Path(sys.executable).parent / "py-spy").exists():
+        ap.error("--profile needs py-spy in this venv (.venv/bin/pip install py-spy); it is not a project dependency")
     kinds = a.only.split(",")
     res: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
     for _ in range(a.runs):
