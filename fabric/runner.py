@@ -86,6 +86,7 @@ class Runner:
             store.subscribe(s.name, s.kinds)
             self.states[s.name] = StageState(s, Worker(f"stage-{s.name}") if s.on_worker else None)
         self._wake: asyncio.Event | None = None
+        self._waiter: asyncio.Future | None = None  # what the loop awaits while idle (resolved by _notify)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._logged: dict[str, str] = {}
         self._complete_seen = False  # the source was complete at some change already
@@ -97,8 +98,7 @@ class Runner:
             st.woken = True
             if full:
                 st.full_requested = True
-        if self._wake is not None:
-            self._wake.set()
+        self._notify()
 
     def wake_threadsafe(self, name: str | None = None, *, full: bool = False) -> None:
         if self._loop is not None:
@@ -118,14 +118,22 @@ class Runner:
         for st in self.states.values():
             if not kind or kind in st.stage.kinds or became_complete:
                 st.woken = True
+        self._notify()
+
+    def _notify(self) -> None:
+        """On the loop: something changed; the loop looks at every stage again."""
         if self._wake is not None:
             self._wake.set()
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
     # -- the loop ----------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         stopper = asyncio.ensure_future(stop.wait())
+        stopper.add_done_callback(lambda _: self._notify())
         try:
             while not stop.is_set():
                 self._wake.clear()
@@ -143,10 +151,17 @@ class Runner:
                         earliest = min(earliest, t)
                 if self._wake.is_set():
                     continue
-                waker = asyncio.ensure_future(self._wake.wait())
-                timeout = None if earliest == math.inf else max(0.0, earliest - self.clock())
-                await asyncio.wait({waker, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                waker.cancel()
+                # One bare future per wait (no task, no asyncio.wait): every wake-up costs this loop a few
+                # event-loop turns less, on every node and every BGP update.
+                waiter = self._waiter = self._loop.create_future()
+                timer = None if earliest == math.inf else \
+                    self._loop.call_later(max(0.0, earliest - self.clock()), _resolve, waiter)
+                try:
+                    await waiter
+                finally:
+                    self._waiter = None
+                    if timer is not None:
+                        timer.cancel()
         finally:
             stopper.cancel()
 
@@ -248,8 +263,7 @@ class Runner:
                 self.on_result(stage, res)
             except Exception:  # noqa: BLE001
                 log.exception("on_result failed for stage %s", stage.name)
-        if self._wake is not None:
-            self._wake.set()
+        self._notify()
 
     def _log_error(self, name: str, text: str, exc: BaseException | None) -> None:
         if self._logged.get(name) == text:
@@ -315,6 +329,11 @@ class Runner:
         for st in self.states.values():
             if st.worker is not None:
                 st.worker.stop(0.5 if st.future is None else 0)
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 __all__ = ["Runner", "StageState", "Changes"]
