@@ -53,6 +53,7 @@ STATUS_SHARE = 10
 # While the routes stage is writing (a run in progress or due), a status write waits for the gap between
 # runs, up to this many seconds since the last write: routes reach the kernel first, the document after.
 STATUS_DEFER_MAX = 5.0
+STATUS_SETTLE = 0.25  # seconds a write waits after the change that asked for it (see _schedule_status)
 WAITING_FOR_SOURCE = "waiting for the first complete list from the Kubernetes API; the dataplane is left as it is"
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
 MONITOR_RCVBUF = 8 << 20  # a burst of other owners' route changes (a peer daemon's full table) fits
@@ -577,11 +578,14 @@ class Agent:
     def _schedule_status(self) -> None:
         """At most one write per STATUS_INTERVAL, and not sooner than STATUS_SHARE times the last write's
         duration after it (the document is O(routes)); a skipped write is done at its deadline, so the file
-        is never more than that much behind."""
+        is never more than that much behind. Never sooner than STATUS_SETTLE after the change: the write
+        (~1-2.5 ms in the lab kernel with a few routes) stays out of the path of the event that caused it — on
+        one CPU a node's write right after its route delays the nodes still installing theirs — and a
+        burst is one write."""
         if self._status_handle is not None or self._loop is None:
             return
         gap = max(STATUS_INTERVAL, STATUS_SHARE * self._status_cost)
-        delay = max(0.0, self._status_at + gap - time.monotonic())
+        delay = max(STATUS_SETTLE, self._status_at + gap - time.monotonic())
         self._status_handle = self._loop.call_later(delay, self._write_status)
 
     def _status_overdue(self) -> None:
