@@ -40,6 +40,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -53,6 +54,14 @@ from tests.kernel.meshlab import MeshLab, Node, sh, wait_for  # noqa: E402
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 RR_LABEL = "bgp-fabric.io/route-reflector-cluster-id"  # fabric.bgp_desired.RR_LABEL
 RR_CLUSTER = "10.0.0.100"
+
+
+def workdir() -> Path:
+    """Where both meshes keep their files: on the lab kernel's tmpfs (/run), as a node keeps the agent's
+    runDir (/run/bgp-fabric): the lab kernel's / is the host's file system (hostfs), where every status,
+    log or last-good write is a host round trip that no node pays."""
+    base = Path("/run") if Path("/run").is_dir() and os.access("/run", os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix="fabric-mesh-", dir=base))
 
 
 def event_prefix(k: int) -> str:
@@ -105,6 +114,9 @@ class LatencyLab(MeshLab):
         super().write_agent_config(n)
         doc = yaml.safe_load(self.config_path(n).read_text())
         del doc["node"]["podCIDRs"]
+        # The agent's own resync interval (MeshLab's tests use 30 s): a periodic full resync is idle work
+        # (nft runs, a kernel dump), and all agents started together resync together, in one burst.
+        doc["timers"].pop("resyncInterval", None)
         doc["health"] = {"listen": None}
         doc["source"]["path"] = str(self.cluster_path(n).relative_to(self.workdir))
         self.config_path(n).write_text(yaml.safe_dump(doc))
@@ -237,6 +249,26 @@ def idle_cpu(nodes: list[Node], seconds: float) -> tuple[dict[str, float], float
     return total, share
 
 
+def cpu_by_node(nodes: list[Node]) -> dict[str, dict[str, float]]:
+    return {n.name: cpu_seconds(n.ns) for n in nodes}
+
+
+def event_cpu(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], events: int,
+              source: str) -> tuple[dict[str, float], dict[str, float]]:
+    """CPU milliseconds per event (announce or withdraw), by process name: (node 1, mean of the others).
+    On the lab kernel's one CPU every node's work is serialised, so this is what an event costs the mesh."""
+    src: dict[str, float] = {}
+    rest: dict[str, float] = {}
+    others = [name for name in after if name != source]
+    for name, a in after.items():
+        b = before.get(name, {})
+        into = src if name == source else rest
+        for proc, v in a.items():
+            into[proc] = into.get(proc, 0.0) + (v - b.get(proc, 0.0)) * 1e3 / events / (1 if name == source
+                                                                                        else len(others))
+    return src, rest
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
@@ -279,7 +311,7 @@ class AgentMesh:
     def __init__(self, n: int, reps: int, trigger: str, reflectors: int = 0) -> None:
         nodes = make_nodes(n, "agent")
         self.reflectors = reflector_names(nodes, reflectors)
-        self.lab = LatencyLab(nodes, hold_time=30, gr_time=60,
+        self.lab = LatencyLab(nodes, hold_time=30, gr_time=60, workdir=workdir(),
                               agent_overrides=(lambda _n: {"cluster": {"mesh": False}}) if reflectors else None)
         self.lab.extra, self.lab.trigger = {}, trigger
         self.lab.reflectors = self.reflectors  # type: ignore[attr-defined]
@@ -343,7 +375,7 @@ class BirdMesh:
     name = "bird"
 
     def __init__(self, n: int, reps: int, reflectors: int = 0, bulk: int = 0) -> None:
-        self.lab = MeshLab(make_nodes(n, "bird"))
+        self.lab = MeshLab(make_nodes(n, "bird"), workdir=workdir())
         self.reps = reps
         self.mon: Monitors | None = None
         self.socks: dict[str, Path] = {}
@@ -449,6 +481,7 @@ def main() -> int:
     results: dict[str, dict[str, list[float]]] = {m.name: {k: [] for k in ("add_all", "add_each", "del_all", "src",
                                                                             "src_to_all")} for m in meshes}
     cpu: dict[str, tuple[dict, float]] = {}
+    per_event: dict[str, tuple[dict[str, float], dict[str, float]]] = {}
     try:
         for m in meshes:  # both meshes live in the lab kernel at once: events alternate, same load for both
             m.start()
@@ -458,6 +491,7 @@ def main() -> int:
         for m in meshes:
             m.watch()
         ev_cpu0 = {m.name: node_cpu(m.lab.nodes) for m in meshes}
+        before = {m.name: cpu_by_node(m.lab.nodes) for m in meshes}
         for k in range(a.reps):
             for m in (meshes if k % 2 == 0 else meshes[::-1]):
                 try:
@@ -465,6 +499,8 @@ def main() -> int:
                 except BaseException:
                     m.dump()
                     raise
+        for m in meshes:  # includes each event's 1 s of settling and the other mesh's events (idle: ~0)
+            per_event[m.name] = event_cpu(before[m.name], cpu_by_node(m.lab.nodes), 2 * a.reps, m.lab.nodes[0].name)
         for m in meshes:
             c1 = node_cpu(m.lab.nodes)
             extra[m.name]["event_cpu"] = {n: (c1[n] - c0) / a.reps for n, c0 in ev_cpu0[m.name].items()}
@@ -499,6 +535,12 @@ def main() -> int:
               f"{pct(ra['del_all'], 0.9) / pct(rb['del_all'], 0.9):.2f}x"
               + (f"; node 1 synced -> all vs BIRD p50 {med(ra['src_to_all']) / med(rb['add_all']):.2f}x"
                  if ra["src_to_all"] else ""))
+    print("CPU per event (announce or withdraw), ms: node 1 | each other node (mean)")
+    for kind, (src, rest) in per_event.items():
+        def fmt(d: dict[str, float]) -> str:
+            return f"{sum(d.values()):6.1f} (" + ", ".join(f"{k} {v:.1f}" for k, v in sorted(d.items(), key=lambda kv: -kv[1])
+                                                       if v >= 0.05) + ")"
+        print(f"  {kind:7s} {fmt(src)} | {fmt(rest)}")
     print(f"idle CPU over {a.idle:.0f} s, all {a.nodes} nodes together (CPU seconds by process)")
     for kind, (c, share) in cpu.items():
         parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(c.items(), key=lambda kv: -kv[1])) or "none"
