@@ -56,6 +56,7 @@ BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0  # a child that ran this long resets the backoff
 LINE_LIMIT = 64 * 1024 * 1024  # one UPDATE's JSON can be large
 OUT_ROTATE_BYTES = 1024 * 1024  # exabgp.out (stdout/stderr: crash output) is rotated at a start beyond this
+EXABGP_NICE = -5  # ExaBGP's scheduling priority (see _prioritise)
 
 
 class SpeakerError(RuntimeError):
@@ -68,6 +69,17 @@ def die_with_parent_command(argv: list[str]) -> list[str]:
     if setpriv:
         return [setpriv, "--pdeathsig", "KILL", "--", *argv]
     return [sys.executable, "-m", "bgp.deathsig", *argv]
+
+
+def _prioritise(pid: int) -> None:
+    """ExaBGP ahead of the agent's own work on a busy CPU: its start (imports, config) is what the sessions
+    wait for while the agent's other stages (nft, IPVS, the CNI) start too, and its keepalives must go out
+    whatever the agent is doing (a starved speaker loses its sessions at hold time). A nice value, not a
+    real-time class: it can't starve the agent. Without the privilege to raise it, ExaBGP runs as we do."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, max(os.getpriority(os.PRIO_PROCESS, 0) + EXABGP_NICE, -20))
+    except OSError as e:
+        log.debug("exabgp keeps our scheduling priority: %s", e)
 
 
 class Speaker:
@@ -196,6 +208,7 @@ class Speaker:
         self._ready = False
         self._started_at = time.monotonic()
         log.info("exabgp started (pid %s)", self._proc.pid)
+        _prioritise(self._proc.pid)
 
     async def _supervise(self) -> None:
         delay = BACKOFF_START

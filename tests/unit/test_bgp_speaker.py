@@ -382,3 +382,29 @@ def test_exabgp_is_spawned_without_preexec_fn(tmp_path: Path, fake_exabgp: str, 
 
     asyncio.run(main())
     assert seen and all("preexec_fn" not in kw for kw in seen)
+
+
+def test_exabgp_runs_ahead_of_the_agent_or_as_the_agent_without_the_privilege(tmp_path: Path, fake_exabgp: str,
+                                                                               monkeypatch, caplog) -> None:
+    from bgp import speaker as speaker_mod
+
+    async def run(expect_nice: int) -> None:
+        sp = Speaker(tmp_path / "run", lambda ev: None, exabgp=fake_exabgp)
+        await sp.start()
+        try:
+            assert sp._proc is not None
+            assert os.getpriority(os.PRIO_PROCESS, sp._proc.pid) == expect_nice
+        finally:
+            await sp.stop()
+
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    if os.geteuid() == 0:  # may raise its priority: EXABGP_NICE ahead of ours
+        asyncio.run(run(max(ours + speaker_mod.EXABGP_NICE, -20)))
+
+    def refused(which: int, who: int, prio: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(speaker_mod.os, "setpriority", refused)
+    with caplog.at_level("DEBUG", logger="bgp.speaker"):
+        asyncio.run(run(ours))  # not allowed: it still starts, at our priority
+    assert "keeps our scheduling priority" in caplog.text
