@@ -67,13 +67,16 @@ class Rib:
         if isinstance(event, PeerUp):
             p = self._peer(event.peer)
             p.up, p.gr_time = True, event.gr_time
+            # Its routes kept (graceful restart) now come from another address or router ID: every path's
+            # origin changed (a reflector's ORIGINATOR_ID), so the whole set moved.
+            moved = bool(p.routes) and (p.address, p.router_id) != (event.address, event.router_id)
             p.address, p.router_id = event.address, event.router_id
             if any(r.stale for r in p.routes.values()):
                 window = event.gr_time or 0
                 if window <= 0:  # it no longer does GR: nothing will close the stale set
-                    return self._drop_stale(p)
+                    return self._drop_stale(p) or moved
                 p.deadline = now + window
-            return False
+            return moved
         if isinstance(event, PeerDown):
             p = self._peer(event.peer)
             p.up = False

@@ -143,3 +143,16 @@ def test_one_withdraw_of_many_prefixes_removes_all_of_them() -> None:
     rib.apply(RoutesAnnounced("b", NH_B, (P1, P2, P3)), 0)
     assert rib.apply(RoutesWithdrawn("b", (P1, P2, P3)), 0) is True
     assert rib.routes() == {}
+
+
+def test_a_peer_back_from_another_address_or_router_id_moves_its_whole_set() -> None:
+    """The routes it kept (graceful restart) now originate elsewhere: a reflector must reflect them all again
+    (ORIGINATOR_ID), so the event counts as a change; the same identity again does not."""
+    rib = Rib()
+    up(rib, "b", 120, NH_B, (P1, P2))
+    rib.apply(PeerDown("b", NH_B, "hold timer expired", True), 1)
+    assert rib.apply(PeerUp("b", NH_B, 120), 2) is False  # the same peer back: its stale set waits for EoR
+    rib.apply(PeerDown("b", NH_B, "hold timer expired", True), 3)
+    assert rib.apply(PeerUp("b", NH_C, 120, A("10.0.0.3")), 4) is True
+    assert {p.peer_router_id for p in rib.paths(P1)} == {A("10.0.0.3")}
+    assert Rib().apply(PeerUp("c", NH_C, 120, A("1.1.1.1")), 0) is False  # nothing learned: nothing moved

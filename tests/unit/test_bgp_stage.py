@@ -163,7 +163,8 @@ def apply(step: tuple, stage: BgpStage, agent: FakeAgent) -> bool:
         peer, prefixes, announce = step[1], tuple(step[2]), step[3]
         n = store.get("Node", peer)
         address = n.address if n is not None else A("10.0.9.9")
-        agent.rib.apply(PeerUp(peer, address, 60, address), 0.0)
+        if agent.rib.apply(PeerUp(peer, address, 60, address), 0.0):
+            stage.mark_all()  # as the agent does when an event moves a peer's whole set
         agent.rib.apply(RoutesAnnounced(peer, address, prefixes) if announce else RoutesWithdrawn(peer, prefixes), 0.0)
         stage.mark_dirty(prefixes)
     elif kind == "resync":
