@@ -165,19 +165,11 @@ class Agent:
         for b in bad:
             log.warning("last-good object no longer usable: %s", b)
 
-        stages = stages_mod.build(self)
-        self.config_stage = next(s for s in stages if isinstance(s, ConfigStage))
-        self.routes_stage = next(s for s in stages if isinstance(s, RoutesStage))
-        self.bgp_stage = next((s for s in stages if isinstance(s, BgpStage)), None)
-        self.cni_stage = next((s for s in stages if s.name == "cni"), None)
-        t = self.cfg.timers
-        self.runner = Runner(self.store, stages, complete=self._source_complete, min_interval=t.min_sync_interval,
-                             resync_interval=t.resync_interval, stage_timeout=self.cfg.health.stage_timeout,
-                             clock=self.clock, backoff=self._stage_backoff, on_result=self._on_result,
-                             on_run=self.metrics.observe_run)
-        self.store.set_on_change(self.runner.kind_changed)
-
-        # The config before anything else: ExaBGP starts with its neighbors (no empty start + reload).
+        # The config, then ExaBGP, before anything else: ExaBGP starts with its neighbors (no empty start +
+        # reload), and its start (~0.75 s in the lab kernel) is what a starting node's sessions wait for, so
+        # the other stages are built (their modules imported) while it runs. No BGP event reaches the agent
+        # before the runner exists: ExaBGP connects to our socket only once its reactor runs.
+        self.config_stage = ConfigStage(self, self.effective, self.remembered)
         complete = self._source_complete()
         self._set_config(await asyncio.to_thread(self.config_stage.compute, complete), complete)
         self._start_speaker()
@@ -189,6 +181,17 @@ class Agent:
             log.error("%s", e)
             await self._shutdown(loop)
             return 2
+
+        stages = stages_mod.build(self, self.config_stage)
+        self.routes_stage = next(s for s in stages if isinstance(s, RoutesStage))
+        self.bgp_stage = next((s for s in stages if isinstance(s, BgpStage)), None)
+        self.cni_stage = next((s for s in stages if s.name == "cni"), None)
+        t = self.cfg.timers
+        self.runner = Runner(self.store, stages, complete=self._source_complete, min_interval=t.min_sync_interval,
+                             resync_interval=t.resync_interval, stage_timeout=self.cfg.health.stage_timeout,
+                             clock=self.clock, backoff=self._stage_backoff, on_result=self._on_result,
+                             on_run=self.metrics.observe_run)
+        self.store.set_on_change(self.runner.kind_changed)
         if self._monitor_enabled:
             self._start_monitor(loop)
         if self.cfg.health.listen:

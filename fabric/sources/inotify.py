@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import struct
 
 IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x8, 0x80, 0x100, 0x200
 IN_NONBLOCK, IN_CLOEXEC = 0o4000, 0o2000000
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library the interpreter already runs on (dlopen(NULL)): find_library("c") would run `ldconfig -p`
+# in a subprocess at every agent start.
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class DirWatch:

@@ -10,17 +10,22 @@ from typing import Any
 
 from fabric.stage import Stage
 from fabric.stages.bgp import BgpStage
-from fabric.stages.cni import CniStage
 from fabric.stages.config import ConfigStage
-from fabric.stages.policy import PolicyStage
-from fabric.stages.podnat import PodNatStage
 from fabric.stages.routes import RoutesStage
-from fabric.stages.services import ServicesStage
 
 
-def build(agent: Any) -> list[Stage]:
+def build(agent: Any, config: ConfigStage | None = None) -> list[Stage]:
+    """`config`: the config stage the agent already made (it computes the config ExaBGP starts with)."""
+    # The stages outside BGP and routing are imported only here, after the agent has started ExaBGP: their
+    # modules (CNI server, nft policy, IPVS proxy: ~0.1-0.15 s in the lab kernel) load while ExaBGP
+    # starts, not before it is spawned (start-up: the sessions are what a starting node waits for).
+    from fabric.stages.cni import CniStage
+    from fabric.stages.podnat import PodNatStage
+    from fabric.stages.policy import PolicyStage
+    from fabric.stages.services import ServicesStage
+
     stages: list[Stage] = [
-        ConfigStage(agent, agent.effective, agent.remembered),
+        config if config is not None else ConfigStage(agent, agent.effective, agent.remembered),
         BgpStage(agent),
         RoutesStage(agent, agent.kernel_factory, sysctls=agent.sysctls),
     ]
