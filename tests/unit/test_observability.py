@@ -77,6 +77,10 @@ def test_metrics_scraped_and_parsed_match_the_agents_state(tmp_path: Path) -> No
         await until("rejections counted", lambda: (agent.runner.states["routes"].result.status.get("rejected") or {})
                     .get("tor", {}).get("filter-not-allowed", {}).get("count") == 5)
         await until("running", lambda: agent.lifecycle.phase.value == "running")
+        # every stage's first run over (the services stage's may still be going when routes are in: failed once
+        # under a loaded full suite)
+        await until("every stage ran", lambda: all(agent.runner.done_once(s) for s in ("config", "bgp", "routes",
+                                                                                          "services")))
         code, ctype, text = await http_get(port, "/metrics")
         out.update(code=code, ctype=ctype, text=text, status=agent.snapshot())
 
