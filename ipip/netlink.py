@@ -160,7 +160,7 @@ def pipeline(sock: socket.socket, msgs: Sequence[tuple[bytes, int, T]], chunk: i
         try:
             if errors_only:
                 sock.sendto(_ack_last(buf), (0, 0))
-                _collect_until(sock, pending, errors, msgs[i - 1][1])
+                _collect(sock, pending, errors, msgs[i - 1][1])
             else:
                 sock.sendto(b"".join(buf), (0, 0))
                 _collect(sock, pending, errors)
@@ -182,24 +182,10 @@ def _ack_last(parts: list[bytes]) -> bytearray:
     return out
 
 
-def _collect(sock: socket.socket, pending: dict[int, T], errors: list[tuple[T, int]]) -> None:
-    """Read acks until every pending request has one (taking each off `pending`)."""
-    while pending:
-        data = _recv(sock, "acks")
-        off = 0
-        while off + 16 <= len(data):
-            ln, typ, _fl, seq, _pid = struct.unpack_from("=IHHII", data, off)
-            if typ == NLMSG_ERROR and seq in pending:
-                (err,) = struct.unpack_from("=i", data, off + 16)
-                tag = pending.pop(seq)
-                if err:
-                    errors.append((tag, -err))
-            off += (ln + 3) & ~3 if ln else len(data)
-
-
-def _collect_until(sock: socket.socket, pending: dict[int, T], errors: list[tuple[T, int]], last: int) -> None:
-    """Read answers (refusals, and acks where asked) until the one of request `last`; then every request
-    still pending went through (taken off `pending`)."""
+def _collect(sock: socket.socket, pending: dict[int, T], errors: list[tuple[T, int]], last: int | None = None) -> None:
+    """Read answers until every pending request has one (taking each off `pending`). With `last` (requests
+    that asked only for refusals, and the last one for its ack): until the answer to `last`; then every
+    request still pending went through."""
     while pending:
         data = _recv(sock, "acks")
         off = 0
