@@ -22,8 +22,6 @@ import pytest
 
 from fabric.lab import kernel as labkernel, vm as labvm
 
-pytest_plugins = ["tests.teardown_on_term"]  # a SIGTERMed run tears its labs down
-
 RESULTS_ENV = "FABRIC_KERNEL_RESULTS"
 
 
